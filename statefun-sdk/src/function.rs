@@ -1,0 +1,250 @@
+//! The [`StatefulFunction`] trait and the [`Module`] that registers functions by type.
+//!
+//! Why it exists: the runtime and the test harness look functions up by [`TypeName`] in
+//! a [`Module`]; each entry pairs the function with its [`FunctionSpec`]. A function's
+//! failure is a value (`Err`), never a reason to take the runtime down.
+
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::sync::Arc;
+
+use crate::context::Context;
+use crate::spec::{FunctionSpec, StateSpec};
+use crate::typename::TypeName;
+use crate::value::Message;
+
+/// The error a function returns: any error type, boxed (`?` works on every
+/// `std::error::Error`, and `"text".into()` makes one from a string).
+pub type FunctionError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// The result of one invocation.
+pub type FunctionResult = Result<(), FunctionError>;
+
+/// A stateful function: invoked once per message, one message at a time per address,
+/// with that address's declared state in the [`Context`].
+///
+/// ```
+/// use statefun_sdk::prelude::*;
+///
+/// const COUNT: ValueSpec<i64> = ValueSpec::named("count");
+/// struct Counter;
+///
+/// #[async_trait]
+/// impl StatefulFunction for Counter {
+///     async fn invoke(&self, ctx: &mut Context, msg: Message) -> FunctionResult {
+///         let add: i64 = msg.decode()?;
+///         let n = ctx.storage().get(&COUNT)?.unwrap_or(0) + add;
+///         ctx.storage().set(&COUNT, &n)?;
+///         Ok(())
+///     }
+/// }
+/// ```
+#[async_trait::async_trait]
+pub trait StatefulFunction: Send + Sync + 'static {
+    /// Handles one message. Effects recorded in `ctx` are applied only if this returns
+    /// `Ok`; on `Err` (or a panic) they are discarded and the runtime retries.
+    async fn invoke(&self, ctx: &mut Context, message: Message) -> FunctionResult;
+}
+
+/// A [`StatefulFunction`] made from a synchronous closure; see [`ModuleBuilder::with_fn`].
+pub struct FnFunction<F>(pub F);
+
+#[async_trait::async_trait]
+impl<F> StatefulFunction for FnFunction<F>
+where
+    F: Fn(&mut Context, Message) -> FunctionResult + Send + Sync + 'static,
+{
+    async fn invoke(&self, ctx: &mut Context, message: Message) -> FunctionResult {
+        (self.0)(ctx, message)
+    }
+}
+
+impl<F> std::fmt::Debug for FnFunction<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FnFunction")
+    }
+}
+
+/// A function with its declaration, as stored in a [`Module`].
+#[derive(Clone)]
+pub struct RegisteredFunction {
+    spec: Arc<FunctionSpec>,
+    states: Arc<[StateSpec]>,
+    function: Arc<dyn StatefulFunction>,
+}
+
+impl RegisteredFunction {
+    /// The declaration.
+    pub fn spec(&self) -> &FunctionSpec {
+        &self.spec
+    }
+
+    /// The declared state, shared (cheap to clone into every [`Context`]).
+    pub fn states(&self) -> &Arc<[StateSpec]> {
+        &self.states
+    }
+
+    /// The function.
+    pub fn function(&self) -> &Arc<dyn StatefulFunction> {
+        &self.function
+    }
+}
+
+impl std::fmt::Debug for RegisteredFunction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegisteredFunction").field("spec", &self.spec).finish()
+    }
+}
+
+/// Why a module could not be built.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ModuleError {
+    /// Two functions registered under the same type.
+    #[error("function type {0} is registered twice")]
+    DuplicateFunction(TypeName),
+    /// A function declares the same state name twice.
+    #[error("function type {function} declares state {name:?} twice")]
+    DuplicateState {
+        /// The function type.
+        function: TypeName,
+        /// The state name.
+        name: String,
+    },
+}
+
+/// The functions of an application, keyed by type.
+#[derive(Debug, Clone, Default)]
+pub struct Module {
+    functions: HashMap<TypeName, RegisteredFunction>,
+}
+
+impl Module {
+    /// Starts building a module.
+    pub fn builder() -> ModuleBuilder {
+        ModuleBuilder::default()
+    }
+
+    /// Looks a function up by type.
+    pub fn get(&self, type_name: &TypeName) -> Option<&RegisteredFunction> {
+        self.functions.get(type_name)
+    }
+
+    /// All registered function types.
+    pub fn types(&self) -> impl Iterator<Item = &TypeName> {
+        self.functions.keys()
+    }
+
+    /// Number of registered functions.
+    pub fn len(&self) -> usize {
+        self.functions.len()
+    }
+
+    /// True when nothing is registered.
+    pub fn is_empty(&self) -> bool {
+        self.functions.is_empty()
+    }
+
+    /// Adds every function of `other`; fails on a type registered in both.
+    pub fn merge(mut self, other: Module) -> Result<Module, ModuleError> {
+        for (t, f) in other.functions {
+            match self.functions.entry(t) {
+                Entry::Occupied(e) => return Err(ModuleError::DuplicateFunction(e.key().clone())),
+                Entry::Vacant(v) => {
+                    v.insert(f);
+                }
+            }
+        }
+        Ok(self)
+    }
+}
+
+/// Builds a [`Module`]; errors are reported once, by [`ModuleBuilder::build`].
+#[derive(Default)]
+pub struct ModuleBuilder {
+    entries: Vec<(FunctionSpec, Arc<dyn StatefulFunction>)>,
+}
+
+impl std::fmt::Debug for ModuleBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.entries.iter().map(|(s, _)| s.type_name())).finish()
+    }
+}
+
+impl ModuleBuilder {
+    /// Registers a function under its spec's type.
+    pub fn with_function(mut self, spec: FunctionSpec, function: impl StatefulFunction) -> Self {
+        self.entries.push((spec, Arc::new(function)));
+        self
+    }
+
+    /// Registers a shared function object.
+    pub fn with_shared_function(mut self, spec: FunctionSpec, function: Arc<dyn StatefulFunction>) -> Self {
+        self.entries.push((spec, function));
+        self
+    }
+
+    /// Registers a synchronous closure as a function.
+    pub fn with_fn<F>(self, spec: FunctionSpec, f: F) -> Self
+    where
+        F: Fn(&mut Context, Message) -> FunctionResult + Send + Sync + 'static,
+    {
+        self.with_function(spec, FnFunction(f))
+    }
+
+    /// Validates and builds the module.
+    pub fn build(self) -> Result<Module, ModuleError> {
+        let mut functions = HashMap::new();
+        for (spec, function) in self.entries {
+            let mut seen = std::collections::HashSet::new();
+            for s in spec.states() {
+                if !seen.insert(s.name.clone()) {
+                    return Err(ModuleError::DuplicateState {
+                        function: spec.type_name().clone(),
+                        name: s.name.to_string(),
+                    });
+                }
+            }
+            match functions.entry(spec.type_name().clone()) {
+                Entry::Occupied(e) => return Err(ModuleError::DuplicateFunction(e.key().clone())),
+                Entry::Vacant(v) => {
+                    v.insert(RegisteredFunction {
+                        states: spec.states().to_vec().into(),
+                        spec: Arc::new(spec),
+                        function,
+                    });
+                }
+            }
+        }
+        Ok(Module { functions })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::ValueSpec;
+
+    const T: TypeName = TypeName::from_static("t/f");
+    const S: ValueSpec<i64> = ValueSpec::named("s");
+
+    #[test]
+    fn duplicate_registrations_and_duplicate_state_names_are_rejected() {
+        let dup = Module::builder()
+            .with_fn(FunctionSpec::new(T), |_, _| Ok(()))
+            .with_fn(FunctionSpec::new(T), |_, _| Ok(()))
+            .build();
+        assert_eq!(dup.unwrap_err(), ModuleError::DuplicateFunction(T));
+        let dup_state = Module::builder()
+            .with_fn(FunctionSpec::new(T).with_state(S).with_state(S), |_, _| Ok(()))
+            .build();
+        assert!(matches!(dup_state, Err(ModuleError::DuplicateState { .. })));
+    }
+
+    #[test]
+    fn merge_rejects_overlapping_modules() {
+        let a = Module::builder().with_fn(FunctionSpec::new(T), |_, _| Ok(())).build().unwrap();
+        let b = a.clone();
+        assert!(a.merge(b).is_err());
+    }
+}
