@@ -1,1 +1,93 @@
+//! # statefun-runtime
+//!
+//! The runtime for [`statefun_sdk`] functions: it routes every message to the partition
+//! that owns its target address, runs at most one invocation batch per address at a
+//! time (later messages queue in the address's FIFO mailbox and go in the next batch),
+//! applies the effects the function returned in one place, and keeps going when a
+//! function fails: after retries with backoff, only the failing address is parked and
+//! its messages go to the dead-letter sink.
+//!
+//! ## Embedding it
+//!
+//! ```
+//! use statefun_runtime::prelude::*;
+//! use statefun_sdk::prelude::*;
+//!
+//! const COUNTER: TypeName = TypeName::from_static("example/counter");
+//! const COUNT: ValueSpec<i64> = ValueSpec::named("count");
+//! const TOTALS: TypeName = TypeName::from_static("example/totals");
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> anyhow::Result<()> {
+//! let module = Module::builder()
+//!     .with_fn(FunctionSpec::new(COUNTER).with_state(COUNT), |ctx, msg| {
+//!         let n = ctx.storage().get(&COUNT)?.unwrap_or(0) + msg.decode::<i64>()?;
+//!         ctx.storage().set(&COUNT, &n)?;
+//!         ctx.send_egress(TOTALS, &n)?;
+//!         Ok(())
+//!     })
+//!     .build()?;
+//!
+//! let totals = CollectingEgress::new();
+//! let runtime = Runtime::builder()
+//!     .config(RuntimeConfig { partitions: 4, ..Default::default() })
+//!     .module(module)
+//!     .egress(TOTALS, totals.clone())
+//!     .build()?;
+//! let handle = runtime.handle();
+//! let stop = tokio_util::sync::CancellationToken::new();
+//! let running = tokio::spawn(runtime.run(stop.clone().cancelled_owned()));
+//!
+//! let alice = Address::new(COUNTER, "alice")?;
+//! handle.send_value(alice.clone(), &2i64).await?;
+//! handle.send_value(alice.clone(), &3i64).await?;
+//! handle.wait_idle().await;
+//! assert_eq!(handle.state(&alice, &COUNT).await?, Some(5));
+//!
+//! stop.cancel();
+//! let report = running.await??;
+//! assert_eq!(report.invocations(), 2);
+//! assert_eq!(totals.records().len(), 2);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! ## The boundaries
+//!
+//! The core meets the world through a few traits, each with an in-memory implementation
+//! shipped here: [`state::StateBackend`] ([`MemoryBackend`]), [`ingress::Ingress`]
+//! ([`MemoryIngress`], [`VecIngress`]) with a [`ingress::Router`] ([`KeyRouter`] or any
+//! closure), [`egress::Egress`] ([`CollectingEgress`], [`ChannelEgress`]) and
+//! [`egress::DeadLetterSink`] ([`CollectingDeadLetters`], [`LoggingDeadLetters`]).
+//!
+//! See `docs/architecture.md` for the design and `docs/guarantees.md` for what is
+//! promised.
 
+pub mod config;
+pub mod egress;
+pub mod ingress;
+pub mod metrics;
+mod partition;
+pub mod partitioner;
+mod runtime;
+pub mod state;
+mod timers;
+
+pub use config::{RetryConfig, RuntimeConfig};
+pub use egress::{
+    ChannelEgress, CollectingDeadLetters, CollectingEgress, DeadLetter, DeadLetterReason, EgressRecord,
+    LoggingDeadLetters,
+};
+pub use ingress::{IngressRecord, IngressSink, KeyRouter, MemoryIngress, MemoryIngressSender, Routed, VecIngress};
+pub use partition::PartitionStats;
+pub use partitioner::{PartitionId, partition_for};
+pub use runtime::{Error, QueryError, RunReport, Runtime, RuntimeBuilder, RuntimeHandle, SendError};
+pub use state::MemoryBackend;
+
+/// The types an embedding program needs, in one import.
+pub mod prelude {
+    pub use crate::{
+        CollectingDeadLetters, CollectingEgress, IngressRecord, KeyRouter, MemoryBackend, MemoryIngress, Runtime,
+        RuntimeConfig, RuntimeHandle, VecIngress,
+    };
+}

@@ -1,0 +1,200 @@
+//! Where effects leave the runtime: egress sinks and the dead-letter sink.
+//!
+//! Why it exists: functions name an egress by [`TypeName`]; the runtime maps each id to
+//! an [`Egress`] registered on the builder. Anything the runtime cannot deliver (a record
+//! no router accepts, a message to an unknown function type or to a parked address, a
+//! message whose function keeps failing, a record for an unknown egress) goes to the
+//! [`DeadLetterSink`] with the reason, the target and the payload, so nothing is
+//! silently dropped. Shipped: [`CollectingEgress`], [`ChannelEgress`],
+//! [`CollectingDeadLetters`] and [`LoggingDeadLetters`] (the default).
+
+use std::sync::{Arc, Mutex};
+
+use statefun_sdk::{Address, TypeName, TypedValue};
+use tokio::sync::mpsc;
+
+use crate::ingress::IngressRecord;
+
+/// A record a function wrote to an egress.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EgressRecord {
+    /// The egress id.
+    pub egress: TypeName,
+    /// The function that wrote it.
+    pub source: Address,
+    /// The record.
+    pub message: TypedValue,
+}
+
+/// Why an egress refused a record.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The egress is closed (its consumer went away).
+    #[error("egress closed")]
+    Closed,
+    /// The egress rejected the record (too large, wrong type, ...).
+    #[error("egress rejected the record: {0}")]
+    Rejected(String),
+}
+
+/// A destination for egress records.
+pub trait Egress: Send + Sync + 'static {
+    /// Accepts one record. Must not block: queue it and return.
+    fn send(&self, record: EgressRecord) -> Result<(), Error>;
+}
+
+/// Collects egress records in memory (tests, demos).
+#[derive(Debug, Clone, Default)]
+pub struct CollectingEgress {
+    records: Arc<Mutex<Vec<EgressRecord>>>,
+}
+
+impl CollectingEgress {
+    /// A new, empty collector. Clones share the records.
+    pub fn new() -> CollectingEgress {
+        CollectingEgress::default()
+    }
+
+    /// A copy of the records so far.
+    pub fn records(&self) -> Vec<EgressRecord> {
+        self.records.lock().expect("egress lock").clone()
+    }
+
+    /// Takes the records so far.
+    pub fn take(&self) -> Vec<EgressRecord> {
+        std::mem::take(&mut *self.records.lock().expect("egress lock"))
+    }
+}
+
+impl Egress for CollectingEgress {
+    fn send(&self, record: EgressRecord) -> Result<(), Error> {
+        self.records.lock().expect("egress lock").push(record);
+        Ok(())
+    }
+}
+
+/// Streams egress records into a channel.
+#[derive(Debug, Clone)]
+pub struct ChannelEgress {
+    tx: mpsc::UnboundedSender<EgressRecord>,
+}
+
+impl ChannelEgress {
+    /// A new egress and the receiver of its records.
+    pub fn new() -> (ChannelEgress, mpsc::UnboundedReceiver<EgressRecord>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (ChannelEgress { tx }, rx)
+    }
+}
+
+impl Egress for ChannelEgress {
+    fn send(&self, record: EgressRecord) -> Result<(), Error> {
+        self.tx.send(record).map_err(|_| Error::Closed)
+    }
+}
+
+/// Why a message or record was dead-lettered.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DeadLetterReason {
+    /// The function kept failing; the address is now parked.
+    #[error("function failed {attempts} time(s), address parked: {error}")]
+    FunctionFailed {
+        /// The last error (or panic message).
+        error: String,
+        /// Attempts made.
+        attempts: u32,
+    },
+    /// The target address was parked earlier and takes no messages until unparked.
+    #[error("address is parked: {error}")]
+    AddressParked {
+        /// The error that parked it.
+        error: String,
+    },
+    /// No function is registered for the target type.
+    #[error("no function registered for type {0}")]
+    UnknownFunctionType(TypeName),
+    /// An ingress router could not route the record.
+    #[error("ingress {ingress}: cannot route record: {error}")]
+    Unroutable {
+        /// The ingress name.
+        ingress: String,
+        /// What the router said.
+        error: String,
+    },
+    /// A function wrote to an egress id that is not registered.
+    #[error("no egress registered as {0}")]
+    UnknownEgress(TypeName),
+    /// An egress refused the record.
+    #[error("egress {egress} refused the record: {error}")]
+    EgressFailed {
+        /// The egress id.
+        egress: TypeName,
+        /// What it said.
+        error: String,
+    },
+    /// The runtime was stopping and the message's partition no longer runs.
+    #[error("runtime shutting down")]
+    ShuttingDown,
+}
+
+/// Something the runtime could not deliver, with everything needed to replay it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeadLetter {
+    /// Why.
+    pub reason: DeadLetterReason,
+    /// The intended receiver, when known.
+    pub target: Option<Address>,
+    /// The sender, when it was a function.
+    pub caller: Option<Address>,
+    /// The message, when it got as far as being one.
+    pub message: Option<TypedValue>,
+    /// The ingress record, when routing failed.
+    pub record: Option<IngressRecord>,
+}
+
+/// Receives dead letters.
+pub trait DeadLetterSink: Send + Sync + 'static {
+    /// Accepts one dead letter. Must not block.
+    fn send(&self, dead_letter: DeadLetter);
+}
+
+/// Logs dead letters at WARN level (the default sink).
+#[derive(Debug, Clone, Default)]
+pub struct LoggingDeadLetters;
+
+impl DeadLetterSink for LoggingDeadLetters {
+    fn send(&self, d: DeadLetter) {
+        tracing::warn!(
+            reason = %d.reason,
+            target = ?d.target.as_ref().map(ToString::to_string),
+            caller = ?d.caller.as_ref().map(ToString::to_string),
+            "dead letter"
+        );
+    }
+}
+
+/// Collects dead letters in memory (tests, demos).
+#[derive(Debug, Clone, Default)]
+pub struct CollectingDeadLetters {
+    letters: Arc<Mutex<Vec<DeadLetter>>>,
+}
+
+impl CollectingDeadLetters {
+    /// A new, empty collector. Clones share the letters.
+    pub fn new() -> CollectingDeadLetters {
+        CollectingDeadLetters::default()
+    }
+
+    /// A copy of the letters so far.
+    pub fn letters(&self) -> Vec<DeadLetter> {
+        self.letters.lock().expect("dead letter lock").clone()
+    }
+}
+
+impl DeadLetterSink for CollectingDeadLetters {
+    fn send(&self, d: DeadLetter) {
+        self.letters.lock().expect("dead letter lock").push(d);
+    }
+}

@@ -1,0 +1,317 @@
+//! Ingress: how records from the outside world become messages to functions.
+//!
+//! Why it exists: every source (an in-memory channel, a fixed list, later Kafka) yields
+//! the same [`IngressRecord`] (key, value, headers, timestamp, source position), and a
+//! [`Router`] turns a record into a target [`Address`] and a [`TypedValue`], as
+//! StateFun's routers do. The source hands records to its [`IngressSink`], which routes
+//! them and waits for room in the owning partition's bounded queue: a slow partition
+//! slows its sources down instead of growing memory. A record no router accepts, or one
+//! for an unknown function type, goes to the dead-letter sink; the source keeps going.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use statefun_sdk::{Address, TypeName, TypedValue};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::egress::{DeadLetter, DeadLetterReason};
+use crate::runtime::{Envelope, Shared, SubmitError};
+
+/// Where a record came from, for replay and for dead-letter reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourcePosition {
+    /// Topic or source name.
+    pub topic: Arc<str>,
+    /// Source partition.
+    pub partition: i32,
+    /// Offset within the source partition.
+    pub offset: i64,
+}
+
+/// A record from an ingress, shaped like a Kafka record.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct IngressRecord {
+    /// The record key.
+    pub key: Option<Bytes>,
+    /// The record value.
+    pub value: Option<Bytes>,
+    /// Headers, in order.
+    pub headers: Vec<(String, Bytes)>,
+    /// Timestamp, milliseconds since the Unix epoch.
+    pub timestamp_ms: Option<i64>,
+    /// Source position, when the source has one.
+    pub position: Option<SourcePosition>,
+}
+
+impl IngressRecord {
+    /// A record with a key and a value.
+    pub fn new(key: impl Into<Bytes>, value: impl Into<Bytes>) -> IngressRecord {
+        IngressRecord {
+            key: Some(key.into()),
+            value: Some(value.into()),
+            ..Default::default()
+        }
+    }
+}
+
+/// Where a router sends a record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Routed {
+    /// The receiving function.
+    pub target: Address,
+    /// The message.
+    pub message: TypedValue,
+}
+
+/// Why a record could not be routed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct RouteError(pub String);
+
+/// Turns a record into a target address and a message.
+pub trait Router: Send + Sync + 'static {
+    /// Routes one record.
+    fn route(&self, record: &IngressRecord) -> Result<Routed, RouteError>;
+}
+
+impl<F> Router for F
+where
+    F: Fn(&IngressRecord) -> Result<Routed, RouteError> + Send + Sync + 'static,
+{
+    fn route(&self, record: &IngressRecord) -> Result<Routed, RouteError> {
+        self(record)
+    }
+}
+
+/// StateFun's default routing: the record key (UTF-8) is the function id, the value is
+/// the message bytes under a fixed type name.
+#[derive(Debug, Clone)]
+pub struct KeyRouter {
+    target: TypeName,
+    value_type: TypeName,
+}
+
+impl KeyRouter {
+    /// Routes to functions of type `target`; values are typed `value_type`.
+    pub fn new(target: TypeName, value_type: TypeName) -> KeyRouter {
+        KeyRouter { target, value_type }
+    }
+}
+
+impl Router for KeyRouter {
+    fn route(&self, record: &IngressRecord) -> Result<Routed, RouteError> {
+        let key = record.key.as_ref().ok_or_else(|| RouteError("record has no key".into()))?;
+        let id = std::str::from_utf8(key).map_err(|_| RouteError("record key is not UTF-8".into()))?;
+        let target = Address::new(self.target.clone(), id).map_err(|e| RouteError(e.to_string()))?;
+        let value = record.value.clone().ok_or_else(|| RouteError("record has no value".into()))?;
+        Ok(Routed {
+            target,
+            message: TypedValue::from_bytes(self.value_type.clone(), value),
+        })
+    }
+}
+
+/// Why an ingress stopped with an error.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The external source failed (broker gone, file unreadable, ...).
+    #[error("ingress {ingress} source failed: {reason}")]
+    Source {
+        /// The ingress name.
+        ingress: String,
+        /// What happened.
+        reason: String,
+    },
+}
+
+/// The runtime is no longer accepting records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("runtime is shutting down")]
+pub struct Closed;
+
+/// Hands routed records to the partitions. Cheap to clone.
+#[derive(Clone)]
+pub struct IngressSink {
+    name: Arc<str>,
+    router: Arc<dyn Router>,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for IngressSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IngressSink").field("name", &self.name).finish()
+    }
+}
+
+impl IngressSink {
+    pub(crate) fn new(name: Arc<str>, router: Arc<dyn Router>, shared: Arc<Shared>) -> IngressSink {
+        IngressSink { name, router, shared }
+    }
+
+    /// Routes `record` and waits until its partition has room for it. Records that
+    /// cannot be routed are dead-lettered (and `Ok` is returned: the source goes on).
+    /// `Err(Closed)` means the runtime is stopping; the source should stop too.
+    pub async fn deliver(&self, record: IngressRecord) -> Result<(), Closed> {
+        let routed = match self.router.route(&record) {
+            Ok(r) => r,
+            Err(e) => {
+                self.shared.dead_letter(DeadLetter {
+                    reason: DeadLetterReason::Unroutable {
+                        ingress: self.name.to_string(),
+                        error: e.0,
+                    },
+                    target: None,
+                    caller: None,
+                    message: None,
+                    record: Some(record),
+                });
+                return Ok(());
+            }
+        };
+        let env = Envelope {
+            target: routed.target,
+            caller: None,
+            message: routed.message,
+        };
+        match self.shared.submit(env).await {
+            Ok(()) => Ok(()),
+            Err(SubmitError::UnknownFunctionType(env)) => {
+                self.shared.dead_letter(DeadLetter {
+                    reason: DeadLetterReason::UnknownFunctionType(env.target.type_name().clone()),
+                    target: Some(env.target),
+                    caller: None,
+                    message: Some(env.message),
+                    record: Some(record),
+                });
+                Ok(())
+            }
+            Err(SubmitError::ShuttingDown) => Err(Closed),
+        }
+    }
+}
+
+/// A source of ingress records.
+#[async_trait::async_trait]
+pub trait Ingress: Send + 'static {
+    /// A name for logs and dead-letter reports.
+    fn name(&self) -> &str;
+
+    /// Delivers records to `sink` until the source ends or `shutdown` is cancelled.
+    async fn run(self: Box<Self>, sink: IngressSink, shutdown: CancellationToken) -> Result<(), Error>;
+}
+
+/// An ingress fed through a channel: keep the [`MemoryIngressSender`] and push records.
+/// The ingress ends when every sender is dropped.
+#[derive(Debug)]
+pub struct MemoryIngress {
+    name: String,
+    rx: mpsc::Receiver<IngressRecord>,
+}
+
+/// Pushes records into a [`MemoryIngress`].
+#[derive(Debug, Clone)]
+pub struct MemoryIngressSender {
+    tx: mpsc::Sender<IngressRecord>,
+}
+
+impl MemoryIngressSender {
+    /// Sends a record, waiting for room. `Err(Closed)` once the ingress has stopped.
+    pub async fn send(&self, record: IngressRecord) -> Result<(), Closed> {
+        self.tx.send(record).await.map_err(|_| Closed)
+    }
+}
+
+impl MemoryIngress {
+    /// A channel ingress with room for `capacity` records in its queue.
+    pub fn channel(name: impl Into<String>, capacity: usize) -> (MemoryIngress, MemoryIngressSender) {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        (MemoryIngress { name: name.into(), rx }, MemoryIngressSender { tx })
+    }
+}
+
+#[async_trait::async_trait]
+impl Ingress for MemoryIngress {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn run(mut self: Box<Self>, sink: IngressSink, shutdown: CancellationToken) -> Result<(), Error> {
+        loop {
+            let record = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                r = self.rx.recv() => r,
+            };
+            let Some(record) = record else { return Ok(()) };
+            if sink.deliver(record).await.is_err() {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// An ingress that delivers a fixed list of records, then ends.
+#[derive(Debug)]
+pub struct VecIngress {
+    name: String,
+    records: Vec<IngressRecord>,
+}
+
+impl VecIngress {
+    /// An ingress over `records`.
+    pub fn new(name: impl Into<String>, records: Vec<IngressRecord>) -> VecIngress {
+        VecIngress {
+            name: name.into(),
+            records,
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Ingress for VecIngress {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn run(self: Box<Self>, sink: IngressSink, shutdown: CancellationToken) -> Result<(), Error> {
+        for record in self.records {
+            if shutdown.is_cancelled() || sink.deliver(record).await.is_err() {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T: TypeName = TypeName::from_static("t/f");
+    const V: TypeName = TypeName::from_static("t/v");
+
+    #[test]
+    fn key_router_uses_the_key_as_id_and_types_the_value() {
+        let r = KeyRouter::new(T, V).route(&IngressRecord::new("abc", "payload")).unwrap();
+        assert_eq!(r.target.id(), "abc");
+        assert_eq!(r.message.type_name(), &V);
+        assert_eq!(r.message.bytes().unwrap(), &Bytes::from_static(b"payload"));
+    }
+
+    #[test]
+    fn key_router_rejects_missing_empty_and_non_utf8_keys() {
+        let r = KeyRouter::new(T, V);
+        let mut rec = IngressRecord::new("", "v");
+        assert!(r.route(&rec).is_err());
+        rec.key = None;
+        assert!(r.route(&rec).is_err());
+        rec.key = Some(Bytes::from_static(&[0xff, 0xfe]));
+        assert!(r.route(&rec).unwrap_err().0.contains("UTF-8"));
+        let no_value = IngressRecord {
+            key: Some(Bytes::from_static(b"k")),
+            ..Default::default()
+        };
+        assert!(r.route(&no_value).is_err());
+    }
+}

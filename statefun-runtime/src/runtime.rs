@@ -1,0 +1,597 @@
+//! The runtime: builder, the run loop with graceful shutdown, and the cloneable handle.
+//!
+//! Why it exists: this is where the pieces are wired. [`RuntimeBuilder`] takes the
+//! functions ([`Module`]), the state backend, ingresses with their routers, egresses and
+//! the dead-letter sink; [`Runtime::run`] starts one task per partition and one per
+//! ingress and, when `shutdown` resolves, stops the ingresses, lets every accepted
+//! message finish (including the messages those produce), then stops the partitions.
+//! [`RuntimeHandle`] talks to a running runtime through channels: send messages, wait
+//! until idle, query state, list and unpark parked addresses, read statistics.
+//!
+//! Invariant (idle detection): `outstanding` counts messages accepted but not yet
+//! finished (processed, or dead-lettered). A producer of new messages adds them before
+//! it subtracts what it finished, so the count reaches zero only when nothing is queued
+//! or in flight anywhere. Delayed messages that are not due yet are not counted.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use statefun_sdk::{Address, Module, TypeName, TypedValue, ValueSpec, ValueType};
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{ConfigError, RuntimeConfig};
+use crate::egress::{DeadLetter, DeadLetterSink, Egress, LoggingDeadLetters};
+use crate::ingress::{Ingress, IngressSink, Router};
+use crate::metrics;
+use crate::partition::{Control, Inbound, Partition, PartitionStats};
+use crate::partitioner::{PartitionId, partition_for};
+use crate::state::{self, MemoryBackend, StateBackend};
+
+/// A message on its way to an address.
+#[derive(Debug, Clone)]
+pub(crate) struct Envelope {
+    pub(crate) target: Address,
+    pub(crate) caller: Option<Address>,
+    pub(crate) message: TypedValue,
+}
+
+pub(crate) struct PartitionSender {
+    pub(crate) ingress: mpsc::Sender<Envelope>,
+    pub(crate) inbound: mpsc::UnboundedSender<Inbound>,
+}
+
+/// Milliseconds for state expiry: wall-clock at start plus tokio-clock elapsed time, so
+/// it is meaningful across restarts and still follows paused time in tests.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Clock {
+    base_wall_ms: u64,
+    base: tokio::time::Instant,
+}
+
+impl Clock {
+    fn new() -> Clock {
+        let wall = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        Clock {
+            base_wall_ms: wall,
+            base: tokio::time::Instant::now(),
+        }
+    }
+
+    pub(crate) fn now_ms(&self) -> u64 {
+        self.base_wall_ms + self.base.elapsed().as_millis() as u64
+    }
+}
+
+/// State shared by the partitions, the ingresses and the handles. Read-mostly.
+pub(crate) struct Shared {
+    pub(crate) config: RuntimeConfig,
+    pub(crate) module: Module,
+    pub(crate) partitions: Vec<PartitionSender>,
+    pub(crate) egresses: HashMap<TypeName, Arc<dyn Egress>>,
+    dead_letters: Arc<dyn DeadLetterSink>,
+    outstanding: AtomicU64,
+    idle: Notify,
+    pub(crate) clock: Clock,
+    stopping: CancellationToken,
+}
+
+pub(crate) enum SubmitError {
+    UnknownFunctionType(Envelope),
+    ShuttingDown,
+}
+
+impl Shared {
+    pub(crate) fn partition_of(&self, address: &Address) -> PartitionId {
+        partition_for(address.id(), self.config.partitions)
+    }
+
+    /// Counts `n` new messages as outstanding.
+    pub(crate) fn begin(&self, n: usize) {
+        if n > 0 {
+            self.outstanding.fetch_add(n as u64, Ordering::AcqRel);
+        }
+    }
+
+    /// Counts `n` messages as finished.
+    pub(crate) fn finish(&self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        let prev = self.outstanding.fetch_sub(n as u64, Ordering::AcqRel);
+        debug_assert!(prev >= n as u64, "outstanding underflow: {prev} - {n}");
+        if prev == n as u64 {
+            self.idle.notify_waiters();
+        }
+    }
+
+    pub(crate) fn dead_letter(&self, d: DeadLetter) {
+        ::metrics::counter!(metrics::DEAD_LETTERS).increment(1);
+        self.dead_letters.send(d);
+    }
+
+    /// Accepts a message from outside (ingress or handle), waiting for room.
+    pub(crate) async fn submit(&self, env: Envelope) -> Result<(), SubmitError> {
+        if self.module.get(env.target.type_name()).is_none() {
+            return Err(SubmitError::UnknownFunctionType(env));
+        }
+        if self.stopping.is_cancelled() {
+            return Err(SubmitError::ShuttingDown);
+        }
+        let p = self.partition_of(&env.target);
+        self.begin(1);
+        match self.partitions[p.0 as usize].ingress.send(env).await {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::SendError(_)) => {
+                self.finish(1);
+                Err(SubmitError::ShuttingDown)
+            }
+        }
+    }
+
+    /// Sends an already-counted message to another partition.
+    pub(crate) fn send_internal(&self, p: PartitionId, env: Envelope) {
+        if let Err(mpsc::error::SendError(Inbound::Message(env))) =
+            self.partitions[p.0 as usize].inbound.send(Inbound::Message(env))
+        {
+            self.dead_letter(DeadLetter {
+                reason: crate::egress::DeadLetterReason::ShuttingDown,
+                caller: env.caller,
+                target: Some(env.target),
+                message: Some(env.message),
+                record: None,
+            });
+            self.finish(1);
+        }
+    }
+}
+
+/// Why the runtime could not be built or failed while running.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The configuration is invalid (operator's fault; fix the config).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// No module was given (programmer's fault).
+    #[error("no functions registered: call RuntimeBuilder::module")]
+    NoModule,
+    /// The state backend failed to open a partition.
+    #[error("cannot open state of partition {partition}: {source}")]
+    State {
+        /// The partition.
+        partition: PartitionId,
+        /// The backend's error.
+        #[source]
+        source: state::Error,
+    },
+    /// A partition task ended unexpectedly (an internal bug; please report it).
+    #[error("partition task failed: {0}")]
+    Internal(String),
+}
+
+/// Why a message could not be sent through a [`RuntimeHandle`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SendError {
+    /// No function is registered for the target's type.
+    #[error("no function registered for type {0}")]
+    UnknownFunctionType(TypeName),
+    /// The runtime is stopping or stopped.
+    #[error("runtime is shutting down")]
+    ShuttingDown,
+    /// The value could not be encoded.
+    #[error(transparent)]
+    Codec(#[from] statefun_sdk::CodecError),
+}
+
+/// Why a query through a [`RuntimeHandle`] failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum QueryError {
+    /// The runtime is not running.
+    #[error("runtime is not running")]
+    NotRunning,
+    /// The function type is unknown or does not declare this state.
+    #[error("state {name:?} is not declared by {function}")]
+    Undeclared {
+        /// The function type.
+        function: TypeName,
+        /// The state name.
+        name: String,
+    },
+    /// The state backend failed.
+    #[error(transparent)]
+    State(#[from] state::Error),
+    /// The stored value does not decode as the requested type.
+    #[error(transparent)]
+    Codec(#[from] statefun_sdk::CodecError),
+}
+
+/// What a finished run reports.
+#[derive(Debug, Clone)]
+pub struct RunReport {
+    /// Final statistics of each partition.
+    pub partitions: Vec<PartitionStats>,
+    /// Errors the ingresses stopped with.
+    pub ingress_errors: Vec<String>,
+    /// False if the drain timeout expired with messages still outstanding.
+    pub drained: bool,
+}
+
+impl RunReport {
+    /// Invocations over all partitions.
+    pub fn invocations(&self) -> u64 {
+        self.partitions.iter().map(|p| p.invocations).sum()
+    }
+}
+
+/// Builds a [`Runtime`].
+pub struct RuntimeBuilder {
+    config: RuntimeConfig,
+    module: Option<Module>,
+    backend: Arc<dyn StateBackend>,
+    ingresses: Vec<(Box<dyn Ingress>, Arc<dyn Router>)>,
+    egresses: HashMap<TypeName, Arc<dyn Egress>>,
+    dead_letters: Arc<dyn DeadLetterSink>,
+}
+
+impl std::fmt::Debug for RuntimeBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RuntimeBuilder")
+            .field("config", &self.config)
+            .field("ingresses", &self.ingresses.len())
+            .field("egresses", &self.egresses.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl Default for RuntimeBuilder {
+    fn default() -> Self {
+        RuntimeBuilder {
+            config: RuntimeConfig::default(),
+            module: None,
+            backend: Arc::new(MemoryBackend::new()),
+            ingresses: Vec::new(),
+            egresses: HashMap::new(),
+            dead_letters: Arc::new(LoggingDeadLetters),
+        }
+    }
+}
+
+impl RuntimeBuilder {
+    /// Uses `config` (default: [`RuntimeConfig::default`]).
+    pub fn config(mut self, config: RuntimeConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// The functions to run (required).
+    pub fn module(mut self, module: Module) -> Self {
+        self.module = Some(module);
+        self
+    }
+
+    /// Where state lives (default: [`MemoryBackend`]).
+    pub fn state_backend(mut self, backend: impl StateBackend) -> Self {
+        self.backend = Arc::new(backend);
+        self
+    }
+
+    /// Adds an ingress whose records `router` routes.
+    pub fn ingress(mut self, ingress: impl Ingress, router: impl Router) -> Self {
+        self.ingresses.push((Box::new(ingress), Arc::new(router)));
+        self
+    }
+
+    /// Registers `egress` under the id functions use in `send_egress`.
+    pub fn egress(mut self, id: TypeName, egress: impl Egress) -> Self {
+        self.egresses.insert(id, Arc::new(egress));
+        self
+    }
+
+    /// Where undeliverable messages go (default: [`LoggingDeadLetters`]).
+    pub fn dead_letters(mut self, sink: impl DeadLetterSink) -> Self {
+        self.dead_letters = Arc::new(sink);
+        self
+    }
+
+    /// Validates the configuration and opens the state of every partition.
+    pub fn build(self) -> Result<Runtime, Error> {
+        self.config.validate()?;
+        let module = self.module.ok_or(Error::NoModule)?;
+        let n = self.config.partitions;
+        let mut senders = Vec::with_capacity(n as usize);
+        let mut receivers = Vec::with_capacity(n as usize);
+        for p in 0..n {
+            let store = self
+                .backend
+                .open_partition(PartitionId(p))
+                .map_err(|source| Error::State {
+                    partition: PartitionId(p),
+                    source,
+                })?;
+            let (itx, irx) = mpsc::channel(self.config.ingress_queue_capacity);
+            let (btx, brx) = mpsc::unbounded_channel();
+            senders.push(PartitionSender {
+                ingress: itx,
+                inbound: btx,
+            });
+            receivers.push((PartitionId(p), store, irx, brx));
+        }
+        let shared = Arc::new(Shared {
+            config: self.config,
+            module,
+            partitions: senders,
+            egresses: self.egresses,
+            dead_letters: self.dead_letters,
+            outstanding: AtomicU64::new(0),
+            idle: Notify::new(),
+            clock: Clock::new(),
+            stopping: CancellationToken::new(),
+        });
+        let partitions = receivers
+            .into_iter()
+            .map(|(id, store, irx, brx)| Partition::new(id, Arc::clone(&shared), store, irx, brx))
+            .collect();
+        let ingresses = self
+            .ingresses
+            .into_iter()
+            .map(|(ingress, router)| {
+                let sink = IngressSink::new(Arc::from(ingress.name()), router, Arc::clone(&shared));
+                (ingress, sink)
+            })
+            .collect();
+        Ok(Runtime {
+            shared,
+            partitions,
+            ingresses,
+        })
+    }
+}
+
+/// A built runtime, ready to [`run`](Runtime::run).
+pub struct Runtime {
+    shared: Arc<Shared>,
+    partitions: Vec<Partition>,
+    ingresses: Vec<(Box<dyn Ingress>, IngressSink)>,
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtime")
+            .field("partitions", &self.partitions.len())
+            .field("ingresses", &self.ingresses.len())
+            .finish()
+    }
+}
+
+impl Runtime {
+    /// Starts building a runtime.
+    pub fn builder() -> RuntimeBuilder {
+        RuntimeBuilder::default()
+    }
+
+    /// A handle to the runtime; valid before, during and after `run`.
+    pub fn handle(&self) -> RuntimeHandle {
+        RuntimeHandle {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+
+    /// Runs until `shutdown` resolves, then shuts down gracefully: ingresses stop, every
+    /// accepted message finishes (bounded by `drain_timeout_ms`), partitions stop.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<RunReport, Error> {
+        let stop_partitions = CancellationToken::new();
+        let stop_ingress = CancellationToken::new();
+        let mut partitions = JoinSet::new();
+        for p in self.partitions {
+            partitions.spawn(p.run(stop_partitions.clone()));
+        }
+        let mut ingresses = JoinSet::new();
+        for (ingress, sink) in self.ingresses {
+            let name = ingress.name().to_owned();
+            let stop = stop_ingress.clone();
+            ingresses.spawn(async move { (name, ingress.run(sink, stop).await) });
+        }
+        tracing::info!(
+            partitions = self.shared.config.partitions,
+            functions = self.shared.module.len(),
+            "runtime started"
+        );
+
+        let mut ingress_errors = Vec::new();
+        let mut failure = None;
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                Some(res) = partitions.join_next() => {
+                    failure = Some(match res {
+                        Ok(_) => "partition task returned before shutdown".to_owned(),
+                        Err(e) => e.to_string(),
+                    });
+                    break;
+                }
+                Some(res) = ingresses.join_next() => match res {
+                    Ok((_, Ok(()))) => {}
+                    Ok((name, Err(e))) => {
+                        tracing::error!(ingress = %name, error = %e, "ingress stopped with an error");
+                        ingress_errors.push(e.to_string());
+                    }
+                    Err(e) => ingress_errors.push(format!("ingress task panicked: {e}")),
+                },
+            }
+        }
+
+        tracing::info!("runtime shutting down: stopping ingresses");
+        stop_ingress.cancel();
+        while let Some(res) = ingresses.join_next().await {
+            match res {
+                Ok((_, Ok(()))) => {}
+                Ok((_, Err(e))) => ingress_errors.push(e.to_string()),
+                Err(e) => ingress_errors.push(format!("ingress task panicked: {e}")),
+            }
+        }
+        self.shared.stopping.cancel();
+        let handle = RuntimeHandle {
+            shared: Arc::clone(&self.shared),
+        };
+        let drain = Duration::from_millis(self.shared.config.drain_timeout_ms);
+        let drained = failure.is_none() && tokio::time::timeout(drain, handle.wait_idle()).await.is_ok();
+        if !drained {
+            tracing::warn!(
+                outstanding = handle.outstanding(),
+                "drain timeout: stopping with messages outstanding"
+            );
+        }
+        stop_partitions.cancel();
+        let mut stats = Vec::new();
+        while let Some(res) = partitions.join_next().await {
+            match res {
+                Ok(s) => stats.push(s),
+                Err(e) => failure = failure.or(Some(e.to_string())),
+            }
+        }
+        if let Some(f) = failure {
+            return Err(Error::Internal(f));
+        }
+        stats.sort_by_key(|s| s.partition);
+        tracing::info!("runtime stopped");
+        Ok(RunReport {
+            partitions: stats,
+            ingress_errors,
+            drained,
+        })
+    }
+}
+
+/// A cheap, cloneable handle to a runtime.
+#[derive(Clone)]
+pub struct RuntimeHandle {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for RuntimeHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RuntimeHandle")
+            .field("outstanding", &self.outstanding())
+            .finish()
+    }
+}
+
+impl RuntimeHandle {
+    /// Sends a message to `target` from outside any function, waiting for room in the
+    /// owning partition's ingress queue.
+    pub async fn send(&self, target: Address, message: TypedValue) -> Result<(), SendError> {
+        let env = Envelope {
+            target,
+            caller: None,
+            message,
+        };
+        self.shared.submit(env).await.map_err(|e| match e {
+            SubmitError::UnknownFunctionType(env) => SendError::UnknownFunctionType(env.target.type_name().clone()),
+            SubmitError::ShuttingDown => SendError::ShuttingDown,
+        })
+    }
+
+    /// Encodes `value` and sends it.
+    pub async fn send_value<T: ValueType>(&self, target: Address, value: &T) -> Result<(), SendError> {
+        self.send(target, TypedValue::of(value)?).await
+    }
+
+    /// Messages accepted but not yet finished.
+    pub fn outstanding(&self) -> u64 {
+        self.shared.outstanding.load(Ordering::Acquire)
+    }
+
+    /// Waits until no message is queued or in flight anywhere (delayed messages that are
+    /// not yet due do not count).
+    pub async fn wait_idle(&self) {
+        loop {
+            let notified = self.shared.idle.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.outstanding() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    async fn control<R>(&self, p: PartitionId, make: impl FnOnce(oneshot::Sender<R>) -> Control) -> Result<R, QueryError> {
+        let (tx, rx) = oneshot::channel();
+        self.shared.partitions[p.0 as usize]
+            .inbound
+            .send(Inbound::Control(make(tx)))
+            .map_err(|_| QueryError::NotRunning)?;
+        rx.await.map_err(|_| QueryError::NotRunning)
+    }
+
+    /// Reads the current value of `spec` at `address` (a state query; expired values
+    /// read as `None`). Answered by the owning partition between invocations.
+    pub async fn state<T: ValueType>(&self, address: &Address, spec: &ValueSpec<T>) -> Result<Option<T>, QueryError> {
+        let bytes = self.state_raw(address, spec.name()).await?;
+        match bytes {
+            None => Ok(None),
+            Some(b) => Ok(Some(T::decode(&b)?)),
+        }
+    }
+
+    /// Reads the raw bytes of state `name` at `address`.
+    pub async fn state_raw(&self, address: &Address, name: &str) -> Result<Option<Bytes>, QueryError> {
+        let declared = self
+            .shared
+            .module
+            .get(address.type_name())
+            .and_then(|f| f.states().iter().find(|s| &*s.name == name).map(|s| s.name.clone()))
+            .ok_or_else(|| QueryError::Undeclared {
+                function: address.type_name().clone(),
+                name: name.to_owned(),
+            })?;
+        let p = self.shared.partition_of(address);
+        let address = address.clone();
+        Ok(self
+            .control(p, |reply| Control::GetState {
+                address,
+                name: declared,
+                reply,
+            })
+            .await??)
+    }
+
+    /// Parked addresses with the error that parked them.
+    pub async fn parked(&self) -> Result<Vec<(Address, String)>, QueryError> {
+        let mut all = Vec::new();
+        for p in 0..self.shared.config.partitions {
+            all.extend(self.control(PartitionId(p), |reply| Control::Parked { reply }).await?);
+        }
+        all.sort();
+        Ok(all)
+    }
+
+    /// Unparks `address` so it takes messages again; false if it was not parked.
+    /// Dead-lettered messages are not replayed automatically: re-send them if wanted.
+    pub async fn unpark(&self, address: &Address) -> Result<bool, QueryError> {
+        let p = self.shared.partition_of(address);
+        let address = address.clone();
+        self.control(p, |reply| Control::Unpark { address, reply }).await
+    }
+
+    /// Statistics of every partition.
+    pub async fn stats(&self) -> Result<Vec<PartitionStats>, QueryError> {
+        let mut all = Vec::new();
+        for p in 0..self.shared.config.partitions {
+            all.push(self.control(PartitionId(p), |reply| Control::Stats { reply }).await?);
+        }
+        Ok(all)
+    }
+}

@@ -1,0 +1,232 @@
+//! Bad input and failing functions: retries with backoff, then only the failing address
+//! is parked and its messages are dead-lettered with the error, while every other
+//! address keeps flowing. Also: panics, transient failures, unknown function types,
+//! unknown egress ids, unroutable ingress records, unparking.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use statefun_runtime::{
+    CollectingDeadLetters, CollectingEgress, DeadLetterReason, IngressRecord, KeyRouter, Runtime, RuntimeConfig,
+    RuntimeHandle, SendError, VecIngress,
+};
+use statefun_runtime::config::RetryConfig;
+use statefun_sdk::prelude::*;
+use tokio_util::sync::CancellationToken;
+
+const FLAKY: TypeName = TypeName::from_static("test/flaky");
+const COUNT: ValueSpec<i64> = ValueSpec::named("count");
+const OUT: TypeName = TypeName::from_static("test/out");
+const NOWHERE: TypeName = TypeName::from_static("test/nowhere");
+
+/// ids: "bad" always fails, "panic" panics, "twice" fails its first two attempts,
+/// anything else counts. Message "egress-unknown" writes to an unregistered egress;
+/// "send-unknown" sends to an unregistered function type.
+struct Flaky {
+    twice_attempts: Arc<AtomicU32>,
+}
+
+#[async_trait]
+impl StatefulFunction for Flaky {
+    async fn invoke(&self, ctx: &mut Context, msg: Message) -> FunctionResult {
+        let cmd: String = msg.decode()?;
+        // A write that must be discarded when the invocation fails.
+        let n = ctx.storage().get(&COUNT)?.unwrap_or(0) + 1;
+        ctx.storage().set(&COUNT, &n)?;
+        match ctx.self_address().id() {
+            "bad" => return Err(std::io::Error::other(format!("cannot handle {cmd}")).into()),
+            "panic" => panic!("boom on {cmd}"),
+            "twice" if self.twice_attempts.fetch_add(1, Ordering::SeqCst) < 2 => return Err("transient".into()),
+            _ => {}
+        }
+        match cmd.as_str() {
+            "egress-unknown" => ctx.send_egress(NOWHERE, &1i64)?,
+            "send-unknown" => ctx.send(Address::new(TypeName::from_static("test/unknown"), "x")?, &1i64)?,
+            _ => ctx.send_egress(OUT, &n)?,
+        }
+        Ok(())
+    }
+}
+
+struct Fixture {
+    h: RuntimeHandle,
+    dead: CollectingDeadLetters,
+    out: CollectingEgress,
+    twice_attempts: Arc<AtomicU32>,
+    _stop: tokio_util::sync::DropGuard,
+}
+
+fn start(records: Vec<IngressRecord>) -> Fixture {
+    let twice_attempts = Arc::new(AtomicU32::new(0));
+    let module = Module::builder()
+        .with_function(
+            FunctionSpec::new(FLAKY).with_state(COUNT),
+            Flaky {
+                twice_attempts: twice_attempts.clone(),
+            },
+        )
+        .build()
+        .unwrap();
+    let dead = CollectingDeadLetters::new();
+    let out = CollectingEgress::new();
+    let runtime = Runtime::builder()
+        .config(RuntimeConfig {
+            partitions: 3,
+            retry: RetryConfig {
+                max_attempts: 3,
+                initial_backoff_ms: 100,
+                max_backoff_ms: 1000,
+            },
+            ..Default::default()
+        })
+        .module(module)
+        .egress(OUT, out.clone())
+        .dead_letters(dead.clone())
+        .ingress(
+            VecIngress::new("test-ingress", records),
+            KeyRouter::new(FLAKY, statefun_sdk::value::builtin::STRING),
+        )
+        .build()
+        .unwrap();
+    let h = runtime.handle();
+    let stop = CancellationToken::new();
+    tokio::spawn(runtime.run(stop.clone().cancelled_owned()));
+    Fixture {
+        h,
+        dead,
+        out,
+        twice_attempts,
+        _stop: stop.drop_guard(),
+    }
+}
+
+fn at(id: &str) -> Address {
+    Address::new(FLAKY, id).unwrap()
+}
+
+async fn send(h: &RuntimeHandle, id: &str, cmd: &str) {
+    h.send_value(at(id), &cmd.to_string()).await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failing_address_is_parked_after_its_retries_and_others_keep_flowing() {
+    let f = start(vec![]);
+    send(&f.h, "bad", "m1").await;
+    send(&f.h, "bad", "m2").await;
+    for _ in 0..5 {
+        send(&f.h, "good", "x").await;
+    }
+    f.h.wait_idle().await;
+
+    assert_eq!(f.h.state(&at("good"), &COUNT).await.unwrap(), Some(5));
+    assert_eq!(f.out.records().len(), 5, "every good message reached the egress");
+    // The failing invocations' state writes were discarded.
+    assert_eq!(f.h.state(&at("bad"), &COUNT).await.unwrap(), None);
+
+    let dead = f.dead.letters();
+    assert_eq!(dead.len(), 2, "{dead:?}");
+    assert_eq!(dead[0].target.as_ref(), Some(&at("bad")));
+    assert_eq!(dead[0].message.as_ref().unwrap().decode::<String>().unwrap(), "m1");
+    match &dead[0].reason {
+        DeadLetterReason::FunctionFailed { error, attempts } => {
+            assert_eq!(*attempts, 3);
+            assert!(error.contains("cannot handle m1"), "{error}");
+        }
+        other => panic!("unexpected reason {other:?}"),
+    }
+    assert!(matches!(dead[1].reason, DeadLetterReason::AddressParked { .. }));
+    assert_eq!(dead[1].message.as_ref().unwrap().decode::<String>().unwrap(), "m2");
+
+    let parked = f.h.parked().await.unwrap();
+    assert_eq!(parked.len(), 1);
+    assert_eq!(parked[0].0, at("bad"));
+
+    // Later messages to the parked address go straight to the dead letters.
+    send(&f.h, "bad", "m3").await;
+    f.h.wait_idle().await;
+    assert!(matches!(f.dead.letters()[2].reason, DeadLetterReason::AddressParked { .. }));
+    let stats = f.h.stats().await.unwrap();
+    assert_eq!(stats.iter().map(|s| s.failures).sum::<u64>(), 3);
+    assert_eq!(stats.iter().map(|s| s.parked).sum::<usize>(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panicking_function_is_treated_as_a_failure_not_a_crash() {
+    let f = start(vec![]);
+    send(&f.h, "panic", "p").await;
+    send(&f.h, "good", "x").await;
+    f.h.wait_idle().await;
+    let dead = f.dead.letters();
+    assert_eq!(dead.len(), 1);
+    match &dead[0].reason {
+        DeadLetterReason::FunctionFailed { error, .. } => assert!(error.contains("boom on p"), "{error}"),
+        other => panic!("unexpected reason {other:?}"),
+    }
+    assert_eq!(f.h.state(&at("good"), &COUNT).await.unwrap(), Some(1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_transient_failure_is_retried_and_applied_exactly_once() {
+    let f = start(vec![]);
+    send(&f.h, "twice", "a").await;
+    send(&f.h, "twice", "b").await;
+    f.h.wait_idle().await;
+    assert!(f.dead.letters().is_empty());
+    assert_eq!(f.twice_attempts.load(Ordering::SeqCst), 4, "2 failures, then a and b");
+    assert_eq!(f.h.state(&at("twice"), &COUNT).await.unwrap(), Some(2));
+    let egress: Vec<i64> = f.out.records().iter().map(|r| r.message.decode().unwrap()).collect();
+    assert_eq!(egress, vec![1, 2]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unparked_address_takes_messages_again() {
+    let f = start(vec![]);
+    send(&f.h, "bad", "m1").await;
+    f.h.wait_idle().await;
+    assert!(f.h.unpark(&at("bad")).await.unwrap());
+    assert!(!f.h.unpark(&at("bad")).await.unwrap(), "second unpark finds nothing");
+    assert!(f.h.parked().await.unwrap().is_empty());
+    send(&f.h, "bad", "m2").await;
+    f.h.wait_idle().await;
+    // It was invoked again (and failed again), rather than dead-lettered as parked.
+    let last = f.dead.letters().pop().unwrap();
+    assert!(matches!(last.reason, DeadLetterReason::FunctionFailed { attempts: 3, .. }));
+}
+
+#[tokio::test(start_paused = true)]
+async fn unknown_types_unknown_egress_and_unroutable_records_are_dead_lettered() {
+    let mut no_key = IngressRecord::new("k", "v");
+    no_key.key = None;
+    let records = vec![
+        IngressRecord::new("r1", statefun_sdk::TypedValue::of(&"x".to_string()).unwrap().bytes().unwrap().clone()),
+        no_key,
+        IngressRecord::new("r2", statefun_sdk::TypedValue::of(&"x".to_string()).unwrap().bytes().unwrap().clone()),
+    ];
+    let f = start(records);
+    send(&f.h, "e", "egress-unknown").await;
+    send(&f.h, "s", "send-unknown").await;
+    let err = f
+        .h
+        .send_value(Address::new(TypeName::from_static("test/unknown"), "x").unwrap(), &1i64)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, SendError::UnknownFunctionType(_)), "{err}");
+    f.h.wait_idle().await;
+
+    let reasons: Vec<DeadLetterReason> = f.dead.letters().into_iter().map(|d| d.reason).collect();
+    assert!(reasons.contains(&DeadLetterReason::UnknownEgress(NOWHERE)), "{reasons:?}");
+    assert!(
+        reasons.contains(&DeadLetterReason::UnknownFunctionType(TypeName::from_static("test/unknown"))),
+        "{reasons:?}"
+    );
+    let unroutable = f
+        .dead
+        .letters()
+        .into_iter()
+        .find(|d| matches!(d.reason, DeadLetterReason::Unroutable { .. }))
+        .expect("the keyless record is dead-lettered");
+    assert_eq!(unroutable.record.unwrap().value.unwrap(), &b"v"[..]);
+    // The records around the bad one were processed.
+    assert_eq!(f.h.state(&at("r1"), &COUNT).await.unwrap(), Some(1));
+    assert_eq!(f.h.state(&at("r2"), &COUNT).await.unwrap(), Some(1));
+}
