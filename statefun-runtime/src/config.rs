@@ -43,7 +43,10 @@ impl RetryConfig {
     /// Backoff after `failures` failed attempts (1 = after the first failure).
     pub fn backoff(&self, failures: u32) -> std::time::Duration {
         let exp = failures.saturating_sub(1).min(30);
-        let ms = self.initial_backoff_ms.saturating_mul(1u64 << exp).min(self.max_backoff_ms);
+        let ms = self
+            .initial_backoff_ms
+            .saturating_mul(1u64 << exp)
+            .min(self.max_backoff_ms);
         std::time::Duration::from_millis(ms)
     }
 }

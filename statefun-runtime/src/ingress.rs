@@ -101,10 +101,16 @@ impl KeyRouter {
 
 impl Router for KeyRouter {
     fn route(&self, record: &IngressRecord) -> Result<Routed, RouteError> {
-        let key = record.key.as_ref().ok_or_else(|| RouteError("record has no key".into()))?;
+        let key = record
+            .key
+            .as_ref()
+            .ok_or_else(|| RouteError("record has no key".into()))?;
         let id = std::str::from_utf8(key).map_err(|_| RouteError("record key is not UTF-8".into()))?;
         let target = Address::new(self.target.clone(), id).map_err(|e| RouteError(e.to_string()))?;
-        let value = record.value.clone().ok_or_else(|| RouteError("record has no value".into()))?;
+        let value = record
+            .value
+            .clone()
+            .ok_or_else(|| RouteError("record has no value".into()))?;
         Ok(Routed {
             target,
             message: TypedValue::from_bytes(self.value_type.clone(), value),
@@ -293,7 +299,9 @@ mod tests {
 
     #[test]
     fn key_router_uses_the_key_as_id_and_types_the_value() {
-        let r = KeyRouter::new(T, V).route(&IngressRecord::new("abc", "payload")).unwrap();
+        let r = KeyRouter::new(T, V)
+            .route(&IngressRecord::new("abc", "payload"))
+            .unwrap();
         assert_eq!(r.target.id(), "abc");
         assert_eq!(r.message.type_name(), &V);
         assert_eq!(r.message.bytes().unwrap(), &Bytes::from_static(b"payload"));

@@ -29,7 +29,9 @@ use futures::FutureExt;
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
-use statefun_sdk::{Address, Context, DelayedEffect, EgressMessage, Effects, Expiration, StateSpec, StatefulFunction, TypeName};
+use statefun_sdk::{
+    Address, Context, DelayedEffect, Effects, EgressMessage, Expiration, StateSpec, StatefulFunction, TypeName,
+};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -114,10 +116,13 @@ struct Failure {
     error: String,
 }
 
+/// Values of `AFTER_CALL` specs the batch left in place; their expiry is refreshed.
+type Touched = Vec<(Arc<str>, Bytes)>;
+
 struct Completion {
     address: Address,
     batch: Vec<Envelope>,
-    outcome: Result<(Effects, Vec<(Arc<str>, Bytes)>), Failure>,
+    outcome: Result<(Effects, Touched), Failure>,
 }
 
 pub(crate) struct Partition {
@@ -167,7 +172,9 @@ async fn invoke_batch(
     for i in 0..batch.len() {
         ctx.set_caller(batch[i].caller.clone());
         let message = batch[i].message.clone();
-        let result = AssertUnwindSafe(function.invoke(&mut ctx, message)).catch_unwind().await;
+        let result = AssertUnwindSafe(function.invoke(&mut ctx, message))
+            .catch_unwind()
+            .await;
         let error = match result {
             Ok(Ok(())) => continue,
             Ok(Err(e)) => error_chain(&*e),
@@ -400,7 +407,11 @@ impl Partition {
 
     /// Loads the address's state and puts the batch in flight.
     fn start(&mut self, address: Address, batch: Vec<Envelope>) {
-        let f = self.functions.get(address.type_name()).expect("checked on enqueue").clone();
+        let f = self
+            .functions
+            .get(address.type_name())
+            .expect("checked on enqueue")
+            .clone();
         self.stats.batches += 1;
         let now = self.shared.clock.now_ms();
         let mut values = Vec::with_capacity(f.states.len());
@@ -437,7 +448,13 @@ impl Partition {
     }
 
     /// The one place effects are applied.
-    fn on_success(&mut self, address: Address, batch: Vec<Envelope>, effects: Effects, touched: Vec<(Arc<str>, Bytes)>) {
+    fn on_success(
+        &mut self,
+        address: Address,
+        batch: Vec<Envelope>,
+        effects: Effects,
+        touched: Vec<(Arc<str>, Bytes)>,
+    ) {
         let n = batch.len();
         // 1. State, atomically. If it cannot be written, nothing else is applied.
         if !effects.state.is_empty() || !touched.is_empty() {
@@ -496,7 +513,8 @@ impl Partition {
                         caller: Some(address.clone()),
                         message,
                     };
-                    self.timers.schedule_delayed(Instant::now() + delay, address.clone(), token, env);
+                    self.timers
+                        .schedule_delayed(Instant::now() + delay, address.clone(), token, env);
                 }
                 DelayedEffect::Cancel { token } => {
                     self.timers.cancel(&address, &token);
@@ -572,7 +590,10 @@ impl Partition {
         self.stats.failures += 1;
         ::metrics::counter!(metrics::INVOCATION_FAILURES).increment(1);
         let max_attempts = self.shared.config.retry.max_attempts;
-        let mb = self.mailboxes.get_mut(&address).expect("an in-flight address has a mailbox");
+        let mb = self
+            .mailboxes
+            .get_mut(&address)
+            .expect("an in-flight address has a mailbox");
         for env in batch.into_iter().rev() {
             mb.queue.push_front(env);
         }

@@ -49,7 +49,11 @@ mod tests {
             ("lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8", -58897971),
         ];
         for (key, expected) in cases {
-            assert_eq!(murmur2::murmur2(key.as_bytes(), murmur2::KAFKA_SEED) as i32, expected, "{key}");
+            assert_eq!(
+                murmur2::murmur2(key.as_bytes(), murmur2::KAFKA_SEED) as i32,
+                expected,
+                "{key}"
+            );
         }
     }
 

@@ -527,7 +527,11 @@ impl RuntimeHandle {
         }
     }
 
-    async fn control<R>(&self, p: PartitionId, make: impl FnOnce(oneshot::Sender<R>) -> Control) -> Result<R, QueryError> {
+    async fn control<R>(
+        &self,
+        p: PartitionId,
+        make: impl FnOnce(oneshot::Sender<R>) -> Control,
+    ) -> Result<R, QueryError> {
         let (tx, rx) = oneshot::channel();
         self.shared.partitions[p.0 as usize]
             .inbound

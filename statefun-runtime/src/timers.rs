@@ -41,7 +41,13 @@ impl Timers {
         (due, self.seq)
     }
 
-    pub(crate) fn schedule_delayed(&mut self, due: Instant, sender: Address, token: Option<String>, envelope: Envelope) {
+    pub(crate) fn schedule_delayed(
+        &mut self,
+        due: Instant,
+        sender: Address,
+        token: Option<String>,
+        envelope: Envelope,
+    ) {
         let key = self.key(due);
         if let Some(t) = &token {
             if let Some(old) = self.tokens.insert((sender.clone(), t.clone()), key) {

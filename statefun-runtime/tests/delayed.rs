@@ -20,7 +20,11 @@ fn timer_fn(ctx: &mut Context, msg: Message) -> FunctionResult {
             ctx.send_after_with_token(Duration::from_secs(10), me, &format!("fire:{payload}"), "t")?;
         }
         Some(("arm_other", id)) => {
-            ctx.send_after(Duration::from_secs(5), Address::new(TIMER, id)?, &"fire:remote".to_string())?;
+            ctx.send_after(
+                Duration::from_secs(5),
+                Address::new(TIMER, id)?,
+                &"fire:remote".to_string(),
+            )?;
         }
         Some(("disarm", _)) => ctx.cancel_delayed("t"),
         Some(("fire", payload)) => {

@@ -121,7 +121,11 @@ async fn messages_arriving_during_an_invocation_are_batched_into_the_next_one() 
     f.gate.add_permits(1);
     f.handle.wait_idle().await;
     assert_eq!(f.handle.state(&at("a"), &SEEN).await.unwrap(), Some(6));
-    assert_eq!(f.max_in_flight_a.load(Ordering::SeqCst), 1, "one invocation at a time per address");
+    assert_eq!(
+        f.max_in_flight_a.load(Ordering::SeqCst),
+        1,
+        "one invocation at a time per address"
+    );
 
     f.stop.cancel();
     let report = f.running.await.unwrap().unwrap();
@@ -171,7 +175,9 @@ async fn a_full_partition_stops_taking_ingress_until_it_drains() {
     let blocked = f.handle.send_value(at("a"), &go);
     tokio::pin!(blocked);
     assert!(
-        tokio::time::timeout(Duration::from_millis(200), &mut blocked).await.is_err(),
+        tokio::time::timeout(Duration::from_millis(200), &mut blocked)
+            .await
+            .is_err(),
         "send should wait while the partition is full"
     );
     assert_eq!(f.handle.stats().await.unwrap()[0].buffered, 4, "buffer stays bounded");

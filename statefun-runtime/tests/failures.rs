@@ -6,11 +6,11 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use statefun_runtime::config::RetryConfig;
 use statefun_runtime::{
     CollectingDeadLetters, CollectingEgress, DeadLetterReason, IngressRecord, KeyRouter, Runtime, RuntimeConfig,
     RuntimeHandle, SendError, VecIngress,
 };
-use statefun_runtime::config::RetryConfig;
 use statefun_sdk::prelude::*;
 use tokio_util::sync::CancellationToken;
 
@@ -144,7 +144,10 @@ async fn a_failing_address_is_parked_after_its_retries_and_others_keep_flowing()
     // Later messages to the parked address go straight to the dead letters.
     send(&f.h, "bad", "m3").await;
     f.h.wait_idle().await;
-    assert!(matches!(f.dead.letters()[2].reason, DeadLetterReason::AddressParked { .. }));
+    assert!(matches!(
+        f.dead.letters()[2].reason,
+        DeadLetterReason::AddressParked { .. }
+    ));
     let stats = f.h.stats().await.unwrap();
     assert_eq!(stats.iter().map(|s| s.failures).sum::<u64>(), 3);
     assert_eq!(stats.iter().map(|s| s.parked).sum::<usize>(), 1);
@@ -190,7 +193,10 @@ async fn an_unparked_address_takes_messages_again() {
     f.h.wait_idle().await;
     // It was invoked again (and failed again), rather than dead-lettered as parked.
     let last = f.dead.letters().pop().unwrap();
-    assert!(matches!(last.reason, DeadLetterReason::FunctionFailed { attempts: 3, .. }));
+    assert!(matches!(
+        last.reason,
+        DeadLetterReason::FunctionFailed { attempts: 3, .. }
+    ));
 }
 
 #[tokio::test(start_paused = true)]
@@ -198,25 +204,43 @@ async fn unknown_types_unknown_egress_and_unroutable_records_are_dead_lettered()
     let mut no_key = IngressRecord::new("k", "v");
     no_key.key = None;
     let records = vec![
-        IngressRecord::new("r1", statefun_sdk::TypedValue::of(&"x".to_string()).unwrap().bytes().unwrap().clone()),
+        IngressRecord::new(
+            "r1",
+            statefun_sdk::TypedValue::of(&"x".to_string())
+                .unwrap()
+                .bytes()
+                .unwrap()
+                .clone(),
+        ),
         no_key,
-        IngressRecord::new("r2", statefun_sdk::TypedValue::of(&"x".to_string()).unwrap().bytes().unwrap().clone()),
+        IngressRecord::new(
+            "r2",
+            statefun_sdk::TypedValue::of(&"x".to_string())
+                .unwrap()
+                .bytes()
+                .unwrap()
+                .clone(),
+        ),
     ];
     let f = start(records);
     send(&f.h, "e", "egress-unknown").await;
     send(&f.h, "s", "send-unknown").await;
-    let err = f
-        .h
-        .send_value(Address::new(TypeName::from_static("test/unknown"), "x").unwrap(), &1i64)
-        .await
-        .unwrap_err();
+    let err =
+        f.h.send_value(Address::new(TypeName::from_static("test/unknown"), "x").unwrap(), &1i64)
+            .await
+            .unwrap_err();
     assert!(matches!(err, SendError::UnknownFunctionType(_)), "{err}");
     f.h.wait_idle().await;
 
     let reasons: Vec<DeadLetterReason> = f.dead.letters().into_iter().map(|d| d.reason).collect();
-    assert!(reasons.contains(&DeadLetterReason::UnknownEgress(NOWHERE)), "{reasons:?}");
     assert!(
-        reasons.contains(&DeadLetterReason::UnknownFunctionType(TypeName::from_static("test/unknown"))),
+        reasons.contains(&DeadLetterReason::UnknownEgress(NOWHERE)),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.contains(&DeadLetterReason::UnknownFunctionType(TypeName::from_static(
+            "test/unknown"
+        ))),
         "{reasons:?}"
     );
     let unroutable = f

@@ -78,7 +78,11 @@ fn step() -> impl Strategy<Value = Step> {
         proptest::option::of((any::<bool>(), 0u8..12)),
         0u8..3,
     )
-        .prop_map(|(target, forward, yields)| Step { target, forward, yields })
+        .prop_map(|(target, forward, yields)| Step {
+            target,
+            forward,
+            yields,
+        })
 }
 
 fn run_case(steps: Vec<Step>, partitions: u32, max_batch: usize, workers: usize) -> Result<(), TestCaseError> {
@@ -120,7 +124,10 @@ fn run_case(steps: Vec<Step>, partitions: u32, max_batch: usize, workers: usize)
                 forward: forward.clone(),
                 yields: s.yields,
             };
-            model.entry(target.clone()).or_default().push(("ingress".into(), seq as u64));
+            model
+                .entry(target.clone())
+                .or_default()
+                .push(("ingress".into(), seq as u64));
             if let Some((is_a, id)) = s.forward {
                 model
                     .entry(addr(is_a, id))

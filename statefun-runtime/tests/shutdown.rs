@@ -58,7 +58,9 @@ async fn shutdown_finishes_in_flight_and_queued_work_first() {
     let stop = CancellationToken::new();
     let running = tokio::spawn(runtime.run(stop.clone().cancelled_owned()));
     for i in 0..10 {
-        h.send_value(Address::new(F, format!("a{i}")).unwrap(), &2i64).await.unwrap();
+        h.send_value(Address::new(F, format!("a{i}")).unwrap(), &2i64)
+            .await
+            .unwrap();
     }
     stop.cancel();
     // Shutdown has been requested, but the work is blocked: run() must not return.

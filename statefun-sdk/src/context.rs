@@ -359,7 +359,9 @@ mod tests {
     const WRONG_TYPE: ValueSpec<i32> = ValueSpec::named("a");
 
     fn ctx() -> Context {
-        let spec = FunctionSpec::new(TypeName::from_static("t/f")).with_state(A).with_state(B);
+        let spec = FunctionSpec::new(TypeName::from_static("t/f"))
+            .with_state(A)
+            .with_state(B);
         let addr = Address::new(spec.type_name().clone(), "1").unwrap();
         Context::new(addr, spec.states().to_vec().into(), vec![Some(7i64.encode().unwrap())])
     }
@@ -367,9 +369,18 @@ mod tests {
     #[test]
     fn undeclared_and_mistyped_access_are_errors_not_panics() {
         let mut c = ctx();
-        assert!(matches!(c.storage().get(&UNDECLARED), Err(StateError::Undeclared { .. })));
-        assert!(matches!(c.storage().set(&UNDECLARED, &1), Err(StateError::Undeclared { .. })));
-        assert!(matches!(c.storage().get(&WRONG_TYPE), Err(StateError::TypeMismatch { .. })));
+        assert!(matches!(
+            c.storage().get(&UNDECLARED),
+            Err(StateError::Undeclared { .. })
+        ));
+        assert!(matches!(
+            c.storage().set(&UNDECLARED, &1),
+            Err(StateError::Undeclared { .. })
+        ));
+        assert!(matches!(
+            c.storage().get(&WRONG_TYPE),
+            Err(StateError::TypeMismatch { .. })
+        ));
     }
 
     #[test]
@@ -382,14 +393,18 @@ mod tests {
         let e = c.into_effects();
         assert_eq!(e.state.len(), 1);
         assert_eq!(&*e.state[0].name, "b");
-        assert_eq!(e.state[0].value.as_deref(), Some(&"y".to_string().encode().unwrap()[..]));
+        assert_eq!(
+            e.state[0].value.as_deref(),
+            Some(&"y".to_string().encode().unwrap()[..])
+        );
     }
 
     #[test]
     fn delayed_sends_and_cancellations_keep_their_order() {
         let mut c = ctx();
         let to = c.self_address().clone();
-        c.send_after_with_token(Duration::from_secs(1), to.clone(), &1i64, "t").unwrap();
+        c.send_after_with_token(Duration::from_secs(1), to.clone(), &1i64, "t")
+            .unwrap();
         c.cancel_delayed("t");
         c.send_after(Duration::from_secs(2), to, &2i64).unwrap();
         let e = c.into_effects();

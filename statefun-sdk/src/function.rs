@@ -167,7 +167,9 @@ pub struct ModuleBuilder {
 
 impl std::fmt::Debug for ModuleBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_list().entries(self.entries.iter().map(|(s, _)| s.type_name())).finish()
+        f.debug_list()
+            .entries(self.entries.iter().map(|(s, _)| s.type_name()))
+            .finish()
     }
 }
 
@@ -243,7 +245,10 @@ mod tests {
 
     #[test]
     fn merge_rejects_overlapping_modules() {
-        let a = Module::builder().with_fn(FunctionSpec::new(T), |_, _| Ok(())).build().unwrap();
+        let a = Module::builder()
+            .with_fn(FunctionSpec::new(T), |_, _| Ok(()))
+            .build()
+            .unwrap();
         let b = a.clone();
         assert!(a.merge(b).is_err());
     }

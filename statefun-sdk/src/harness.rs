@@ -122,10 +122,13 @@ impl TestHarness {
 
     fn slot(&self, name: &str, type_name: &TypeName) -> Result<usize, StateError> {
         let specs = self.function.states();
-        let i = specs.iter().position(|s| &*s.name == name).ok_or_else(|| StateError::Undeclared {
-            name: name.to_owned(),
-            function: self.address.type_name().clone(),
-        })?;
+        let i = specs
+            .iter()
+            .position(|s| &*s.name == name)
+            .ok_or_else(|| StateError::Undeclared {
+                name: name.to_owned(),
+                function: self.address.type_name().clone(),
+            })?;
         if &specs[i].type_name != type_name {
             return Err(StateError::TypeMismatch {
                 name: name.to_owned(),
@@ -186,7 +189,11 @@ impl TestHarness {
     /// Invokes the function with a message from `caller`. On `Ok`, the effects are
     /// applied to the harness (state, pending delayed messages) and returned; on `Err`
     /// nothing changes.
-    pub async fn invoke_from(&mut self, caller: Option<Address>, message: TypedValue) -> Result<Effects, FunctionError> {
+    pub async fn invoke_from(
+        &mut self,
+        caller: Option<Address>,
+        message: TypedValue,
+    ) -> Result<Effects, FunctionError> {
         self.expire();
         let values = self.state.iter().map(|s| s.as_ref().map(|s| s.bytes.clone())).collect();
         let mut ctx = Context::new(self.address.clone(), Arc::clone(self.function.states()), values);
@@ -208,7 +215,11 @@ impl TestHarness {
     }
 
     /// [`TestHarness::invoke_from`] for tests without an async runtime.
-    pub fn invoke_from_blocking(&mut self, caller: Option<Address>, message: TypedValue) -> Result<Effects, FunctionError> {
+    pub fn invoke_from_blocking(
+        &mut self,
+        caller: Option<Address>,
+        message: TypedValue,
+    ) -> Result<Effects, FunctionError> {
         futures_executor::block_on(self.invoke_from(caller, message))
     }
 
@@ -220,7 +231,10 @@ impl TestHarness {
     fn apply(&mut self, effects: &Effects) {
         let specs = Arc::clone(self.function.states());
         for m in &effects.state {
-            let i = specs.iter().position(|s| s.name == m.name).expect("mutations name declared state");
+            let i = specs
+                .iter()
+                .position(|s| s.name == m.name)
+                .expect("mutations name declared state");
             self.state[i] = m.value.clone().map(|bytes| Stored {
                 bytes,
                 expires_at: match specs[i].expiration {
@@ -366,7 +380,10 @@ mod tests {
         h.advance(Duration::from_secs(3));
         h.invoke_blocking(s("later")).unwrap();
         assert_eq!(h.pending_delayed().len(), 1);
-        assert!(h.advance(Duration::from_secs(3)).is_empty(), "the first timer was replaced");
+        assert!(
+            h.advance(Duration::from_secs(3)).is_empty(),
+            "the first timer was replaced"
+        );
         assert_eq!(h.advance(Duration::from_secs(2)).len(), 1);
     }
 }

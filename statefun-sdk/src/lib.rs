@@ -58,8 +58,12 @@ pub mod value;
 
 pub use bytes;
 
-pub use context::{Context, DelayedEffect, EgressMessage, Effects, OutgoingMessage, StateError, StateMutation, Storage};
-pub use function::{FnFunction, FunctionError, FunctionResult, Module, ModuleBuilder, ModuleError, RegisteredFunction, StatefulFunction};
+pub use context::{
+    Context, DelayedEffect, Effects, EgressMessage, OutgoingMessage, StateError, StateMutation, Storage,
+};
+pub use function::{
+    FnFunction, FunctionError, FunctionResult, Module, ModuleBuilder, ModuleError, RegisteredFunction, StatefulFunction,
+};
 pub use harness::{PendingDelayed, TestHarness};
 pub use spec::{Expiration, FunctionSpec, InvalidStateName, StateSpec, ValueSpec};
 pub use typename::{Address, NameError, TypeName};

@@ -86,10 +86,7 @@ impl TypedValue {
 
     /// A value with a type but no bytes (`has_value = false` in StateFun's protocol).
     pub fn absent(type_name: TypeName) -> TypedValue {
-        TypedValue {
-            type_name,
-            value: None,
-        }
+        TypedValue { type_name, value: None }
     }
 
     /// Encodes a Rust value.

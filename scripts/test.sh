@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The whole test suite, as `make test` and CI (.ci/run) run it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "formatting (cargo fmt --check)"
+cargo fmt --all -- --check
+
+step "lints (cargo clippy -D warnings)"
+cargo clippy --locked --workspace --all-targets -- -D warnings
+
+step "dependency rule: statefun-sdk opens no sockets and no files"
+scripts/check-sdk-deps.sh
+
+step "doc tests"
+cargo test --locked --workspace --doc
+
+step "unit, property and integration tests (cargo nextest)"
+cargo nextest run --locked --workspace --no-fail-fast
