@@ -91,3 +91,8 @@ pub mod prelude {
         RuntimeConfig, RuntimeHandle, VecIngress,
     };
 }
+
+/// The README's tour, compiled and run as a doctest so it cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+struct ReadmeTour;
