@@ -3,7 +3,9 @@
 //! Why it exists: the runtime reports through the [`metrics`](https://docs.rs/metrics)
 //! facade and forces no exporter on library users: with no recorder installed, every
 //! update is a no-op. Install any `metrics` recorder (e.g. a Prometheus exporter) to
-//! collect them. Updates happen per invocation batch, not per state access.
+//! collect them. Updates happen per invocation batch, not per state access. Install the
+//! recorder before building the runtime: partitions take their counter handles at build
+//! time.
 
 /// Counter: messages processed successfully.
 pub const INVOCATIONS: &str = "statefun_invocations_total";

@@ -102,6 +102,8 @@ struct LocalFunction {
     states: Arc<[StateSpec]>,
     function: Arc<Arc<dyn StatefulFunction>>,
     has_after_call: bool,
+    /// Any declared state expires: only then is the clock read.
+    has_expiry: bool,
 }
 
 struct Mailbox {
@@ -133,11 +135,15 @@ pub(crate) struct Partition {
     mailboxes: HashMap<Address, Mailbox, ahash::RandomState>,
     parked: HashMap<Address, String, ahash::RandomState>,
     in_flight: FuturesUnordered<BoxFuture<'static, Completion>>,
+    /// Invocations that completed on their first poll, waiting to be applied.
+    ready: VecDeque<Completion>,
     timers: Timers,
     buffered: usize,
     ingress_rx: mpsc::Receiver<Envelope>,
     inbound_rx: mpsc::UnboundedReceiver<Inbound>,
     stats: PartitionStats,
+    invocations_counter: ::metrics::Counter,
+    failures_counter: ::metrics::Counter,
 }
 
 fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
@@ -225,14 +231,24 @@ impl Partition {
             .types()
             .map(|t| {
                 let f = shared.module.get(t).expect("listed type is registered");
-                let states: Arc<[StateSpec]> = f.states().iter().cloned().collect();
+                // Fresh copies, names included, so refcounts stay partition-local.
+                let states: Arc<[StateSpec]> = f
+                    .states()
+                    .iter()
+                    .map(|s| StateSpec {
+                        name: Arc::from(&*s.name),
+                        ..s.clone()
+                    })
+                    .collect();
                 let has_after_call = states.iter().any(|s| matches!(s.expiration, Expiration::AfterCall(_)));
+                let has_expiry = states.iter().any(|s| s.expiration != Expiration::None);
                 (
                     t.clone(),
                     LocalFunction {
                         states,
                         function: Arc::new(Arc::clone(f.function())),
                         has_after_call,
+                        has_expiry,
                     },
                 )
             })
@@ -245,6 +261,7 @@ impl Partition {
             mailboxes: HashMap::default(),
             parked: HashMap::default(),
             in_flight: FuturesUnordered::new(),
+            ready: VecDeque::new(),
             timers: Timers::default(),
             buffered: 0,
             ingress_rx,
@@ -253,6 +270,8 @@ impl Partition {
                 partition: id,
                 ..Default::default()
             },
+            invocations_counter: ::metrics::counter!(metrics::INVOCATIONS),
+            failures_counter: ::metrics::counter!(metrics::INVOCATION_FAILURES),
         }
     }
 
@@ -283,6 +302,10 @@ impl Partition {
                     Err(mpsc::error::TryRecvError::Empty) => break,
                     Err(mpsc::error::TryRecvError::Disconnected) => ingress_open = false,
                 }
+            }
+            while let Some(c) = self.ready.pop_front() {
+                self.on_complete(c);
+                progressed = true;
             }
             while let Some(Some(c)) = self.in_flight.next().now_or_never() {
                 self.on_complete(c);
@@ -413,7 +436,7 @@ impl Partition {
             .expect("checked on enqueue")
             .clone();
         self.stats.batches += 1;
-        let now = self.shared.clock.now_ms();
+        let now = if f.has_expiry { self.shared.clock.now_ms() } else { 0 };
         let mut values = Vec::with_capacity(f.states.len());
         for spec in f.states.iter() {
             match self.store.get(&address, &spec.name) {
@@ -423,21 +446,25 @@ impl Partition {
                         index: 0,
                         error: format!("cannot read state {:?}: {e}", spec.name),
                     };
-                    self.in_flight.push(
-                        futures::future::ready(Completion {
-                            address,
-                            batch,
-                            outcome: Err(failure),
-                        })
-                        .boxed(),
-                    );
+                    self.ready.push_back(Completion {
+                        address,
+                        batch,
+                        outcome: Err(failure),
+                    });
                     return;
                 }
             }
         }
         let ctx = Context::new(address.clone(), Arc::clone(&f.states), values);
-        self.in_flight
-            .push(invoke_batch(f.function, ctx, address, batch, f.has_after_call).boxed());
+        // Most invocations finish on their first poll: apply those from the ready queue
+        // (not recursively, so a function sending to itself cannot grow the stack) and
+        // hand only the pending ones to FuturesUnordered, which polls them again with a
+        // real waker.
+        let mut fut = invoke_batch(f.function, ctx, address, batch, f.has_after_call).boxed();
+        match fut.as_mut().now_or_never() {
+            Some(c) => self.ready.push_back(c),
+            None => self.in_flight.push(fut),
+        }
     }
 
     fn on_complete(&mut self, c: Completion) {
@@ -458,8 +485,9 @@ impl Partition {
         let n = batch.len();
         // 1. State, atomically. If it cannot be written, nothing else is applied.
         if !effects.state.is_empty() || !touched.is_empty() {
-            let now = self.shared.clock.now_ms();
-            let states = &self.functions[address.type_name()].states;
+            let f = &self.functions[address.type_name()];
+            let now = if f.has_expiry { self.shared.clock.now_ms() } else { 0 };
+            let states = &f.states;
             let spec = |name: &str| states.iter().find(|s| &*s.name == name);
             let mut wb = WriteBatch {
                 ops: Vec::with_capacity(effects.state.len() + touched.len()),
@@ -526,7 +554,7 @@ impl Partition {
             self.emit_egress(&address, e);
         }
         self.stats.invocations += n as u64;
-        ::metrics::counter!(metrics::INVOCATIONS).increment(n as u64);
+        self.invocations_counter.increment(n as u64);
         self.buffered -= n;
         self.shared.finish(n);
         self.next(address);
@@ -588,7 +616,7 @@ impl Partition {
 
     fn on_failure(&mut self, address: Address, batch: Vec<Envelope>, failure: Failure) {
         self.stats.failures += 1;
-        ::metrics::counter!(metrics::INVOCATION_FAILURES).increment(1);
+        self.failures_counter.increment(1);
         let max_attempts = self.shared.config.retry.max_attempts;
         let mb = self
             .mailboxes

@@ -156,7 +156,13 @@ impl TypeName {
 
 impl PartialEq for TypeName {
     fn eq(&self, other: &Self) -> bool {
-        self.as_str() == other.as_str()
+        // Fast path: the same constant or the same shared allocation.
+        let same = match (&self.repr, &other.repr) {
+            (Repr::Static(a), Repr::Static(b)) => std::ptr::eq(*a, *b),
+            (Repr::Shared(a), Repr::Shared(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        };
+        same || self.as_str() == other.as_str()
     }
 }
 impl Eq for TypeName {}
@@ -213,10 +219,34 @@ impl<'de> serde::Deserialize<'de> for TypeName {
 /// The id is any non-empty string (a SKU, a basket id, a customer id). Messages to the
 /// same address are processed one at a time, in order; the address's state is private
 /// to it. Cloning is cheap (two reference-count increments at most).
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone)]
 pub struct Address {
     type_name: TypeName,
     id: Arc<str>,
+}
+
+impl PartialEq for Address {
+    fn eq(&self, other: &Self) -> bool {
+        // Fast path: clones of one address share the id allocation.
+        (Arc::ptr_eq(&self.id, &other.id) || self.id == other.id) && self.type_name == other.type_name
+    }
+}
+impl Eq for Address {}
+impl Hash for Address {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.type_name.hash(state);
+        self.id.hash(state);
+    }
+}
+impl PartialOrd for Address {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Address {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (&self.type_name, &*self.id).cmp(&(&other.type_name, &*other.id))
+    }
 }
 
 impl Address {
