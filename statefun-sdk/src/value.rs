@@ -335,6 +335,29 @@ mod tests {
         assert!(matches!(v.decode::<i32>(), Err(CodecError::Absent(_))));
     }
 
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct Order {
+        #[prost(string, tag = "1")]
+        id: String,
+        #[prost(int64, tag = "2")]
+        items: i64,
+    }
+    crate::protobuf_type!(Order, "type.googleapis.com/retail.Order");
+
+    #[test]
+    fn protobuf_types_round_trip_under_their_type_name() {
+        let o = Order {
+            id: "b-1".into(),
+            items: 3,
+        };
+        let v = TypedValue::of(&o).unwrap();
+        assert_eq!(v.type_name().namespace(), "type.googleapis.com");
+        assert_eq!(v.bytes().unwrap().as_ref(), &[0x0a, 3, b'b', b'-', b'1', 0x10, 3]);
+        assert_eq!(v.decode::<Order>().unwrap(), o);
+        let garbage = TypedValue::from_bytes(Order::TYPE_NAME, vec![0xff]);
+        assert!(matches!(garbage.decode::<Order>(), Err(CodecError::Decode { .. })));
+    }
+
     proptest! {
         #[test]
         fn primitives_round_trip(i in any::<i32>(), l in any::<i64>(), u in any::<u64>(), s in ".*", b in any::<bool>(), d in any::<f64>()) {
