@@ -11,7 +11,8 @@ if ! command -v cargo >/dev/null 2>&1; then
 fi
 
 # System packages the build needs (C toolchain for crates that compile C code).
-APT_PACKAGES=(make gcc g++ pkg-config)
+# libclang-dev: bindgen for librocksdb-sys.
+APT_PACKAGES=(make gcc g++ pkg-config libclang-dev)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -72,6 +72,10 @@ pub struct RuntimeConfig {
     /// On shutdown, how long to wait for in-flight and queued messages to finish before
     /// stopping anyway. Default: 30 000 ms.
     pub drain_timeout_ms: u64,
+    /// Interval of periodic checkpoints, for state backends that take them (RocksDB with
+    /// a checkpoint directory); 0 disables periodic checkpoints (on-demand ones through
+    /// `RuntimeHandle::checkpoint` still work). Default: 60 000 ms.
+    pub checkpoint_interval_ms: u64,
 }
 
 impl Default for RuntimeConfig {
@@ -83,6 +87,7 @@ impl Default for RuntimeConfig {
             ingress_queue_capacity: 1024,
             retry: RetryConfig::default(),
             drain_timeout_ms: 30_000,
+            checkpoint_interval_ms: 60_000,
         }
     }
 }

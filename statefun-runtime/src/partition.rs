@@ -46,6 +46,9 @@ use crate::timers::{Timer, Timers};
 /// How many queued items one loop turn takes from a channel before looking elsewhere.
 const BUDGET: usize = 256;
 
+/// Longest single sleep of the partition loop while waiting for a timer.
+const MAX_SLEEP: std::time::Duration = std::time::Duration::from_secs(3600);
+
 /// Requests answered by the partition between invocations.
 pub(crate) enum Control {
     GetState {
@@ -110,6 +113,9 @@ struct Mailbox {
     queue: VecDeque<Envelope>,
     /// Failed attempts of the message at the head of the queue.
     attempts: u32,
+    /// Set when a message failed inside a batch, behind messages that are being re-run
+    /// first: the error of that first attempt, so it counts and gets its backoff.
+    failed_behind_prefix: Option<String>,
 }
 
 struct Failure {
@@ -213,9 +219,19 @@ async fn invoke_batch(
 
 fn expiry(spec: Option<&StateSpec>, now_ms: u64) -> Option<u64> {
     match spec.map(|s| s.expiration) {
-        Some(Expiration::AfterWrite(d)) | Some(Expiration::AfterCall(d)) => Some(now_ms + d.as_millis() as u64),
+        Some(Expiration::AfterWrite(d)) | Some(Expiration::AfterCall(d)) => {
+            Some(now_ms.saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)))
+        }
         _ => None,
     }
+}
+
+/// `now + delay`, clamped to ~30 years so that no delay a function asks for can
+/// overflow the clock (and panic the partition).
+fn deadline_after(delay: std::time::Duration) -> Instant {
+    const FAR: std::time::Duration = std::time::Duration::from_secs(86_400 * 365 * 30);
+    let now = Instant::now();
+    now.checked_add(delay.min(FAR)).unwrap_or(now)
 }
 
 impl Partition {
@@ -303,7 +319,10 @@ impl Partition {
                     Err(mpsc::error::TryRecvError::Disconnected) => ingress_open = false,
                 }
             }
-            while let Some(c) = self.ready.pop_front() {
+            // Bounded like the channels: functions that message each other (or
+            // themselves) must not keep this loop from yielding and seeing `stop`.
+            for _ in 0..BUDGET {
+                let Some(c) = self.ready.pop_front() else { break };
                 self.on_complete(c);
                 progressed = true;
             }
@@ -334,9 +353,10 @@ impl Partition {
                     Some(env) => self.enqueue(env),
                     None => ingress_open = false,
                 },
-                _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
-                    self.fire_timers()
-                }
+                // Sleep at most an hour at a time: far-future deadlines (a delay of
+                // years) are re-checked instead of registered with tokio's timer.
+                _ = tokio::time::sleep_until(deadline.map_or_else(Instant::now, |d| d.min(Instant::now() + MAX_SLEEP))),
+                    if deadline.is_some() => self.fire_timers(),
             }
         }
         if self.timers.pending_delayed() > 0 {
@@ -422,6 +442,7 @@ impl Partition {
                 v.insert(Mailbox {
                     queue: VecDeque::new(),
                     attempts: 0,
+                    failed_behind_prefix: None,
                 });
                 self.start(address, vec![env]);
             }
@@ -491,6 +512,7 @@ impl Partition {
             let spec = |name: &str| states.iter().find(|s| &*s.name == name);
             let mut wb = WriteBatch {
                 ops: Vec::with_capacity(effects.state.len() + touched.len()),
+                progress: Vec::new(),
             };
             for (name, value) in touched {
                 if !effects.state.iter().any(|m| m.name == name) {
@@ -542,7 +564,7 @@ impl Partition {
                         message,
                     };
                     self.timers
-                        .schedule_delayed(Instant::now() + delay, address.clone(), token, env);
+                        .schedule_delayed(deadline_after(delay), address.clone(), token, env);
                 }
                 DelayedEffect::Cancel { token } => {
                     self.timers.cancel(&address, &token);
@@ -601,9 +623,21 @@ impl Partition {
     /// Starts the next batch of `address`, or forgets the mailbox when it is empty.
     fn next(&mut self, address: Address) {
         let max = self.shared.config.max_batch_size;
+        let max_attempts = self.shared.config.retry.max_attempts;
         let Some(mb) = self.mailboxes.get_mut(&address) else {
             return;
         };
+        if let Some(error) = mb.failed_behind_prefix.take() {
+            // The prefix re-ran; the message that failed behind it is the head now and
+            // has used one attempt.
+            mb.attempts = 1;
+            if max_attempts <= 1 {
+                return self.park(address, error, 1);
+            }
+            let due = deadline_after(self.shared.config.retry.backoff(1));
+            self.timers.schedule_retry(due, address);
+            return;
+        }
         mb.attempts = 0;
         if mb.queue.is_empty() {
             self.mailboxes.remove(&address);
@@ -627,8 +661,10 @@ impl Partition {
         }
         if failure.index > 0 {
             // The messages before the failing one succeeded; their effects were discarded
-            // with the batch's, so run them again now. The failing one becomes the head.
+            // with the batch's, so run them again now. The failing one becomes the head,
+            // with this failure counted (see `next`).
             let prefix: Vec<Envelope> = mb.queue.drain(..failure.index).collect();
+            mb.failed_behind_prefix = Some(failure.error);
             return self.start(address, prefix);
         }
         mb.attempts += 1;
@@ -643,7 +679,7 @@ impl Partition {
         if attempts >= max_attempts {
             return self.park(address, failure.error, attempts);
         }
-        let due = Instant::now() + self.shared.config.retry.backoff(attempts);
+        let due = deadline_after(self.shared.config.retry.backoff(attempts));
         self.timers.schedule_retry(due, address);
     }
 

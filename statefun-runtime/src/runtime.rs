@@ -16,7 +16,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -81,7 +81,9 @@ pub(crate) struct Shared {
     outstanding: AtomicU64,
     idle: Notify,
     pub(crate) clock: Clock,
-    stopping: CancellationToken,
+    /// Set when shutdown begins; new outside messages are refused from then on.
+    stopping: AtomicBool,
+    backend: Arc<dyn StateBackend>,
 }
 
 pub(crate) enum SubmitError {
@@ -97,7 +99,7 @@ impl Shared {
     /// Counts `n` new messages as outstanding.
     pub(crate) fn begin(&self, n: usize) {
         if n > 0 {
-            self.outstanding.fetch_add(n as u64, Ordering::AcqRel);
+            self.outstanding.fetch_add(n as u64, Ordering::SeqCst);
         }
     }
 
@@ -106,7 +108,7 @@ impl Shared {
         if n == 0 {
             return;
         }
-        let prev = self.outstanding.fetch_sub(n as u64, Ordering::AcqRel);
+        let prev = self.outstanding.fetch_sub(n as u64, Ordering::SeqCst);
         debug_assert!(prev >= n as u64, "outstanding underflow: {prev} - {n}");
         if prev == n as u64 {
             self.idle.notify_waiters();
@@ -123,11 +125,14 @@ impl Shared {
         if self.module.get(env.target.type_name()).is_none() {
             return Err(SubmitError::UnknownFunctionType(env));
         }
-        if self.stopping.is_cancelled() {
+        // Count first, then check: with both SeqCst, either shutdown sees this message
+        // in `outstanding` and drains it, or this sees `stopping` and refuses it.
+        self.begin(1);
+        if self.stopping.load(Ordering::SeqCst) {
+            self.finish(1);
             return Err(SubmitError::ShuttingDown);
         }
         let p = self.partition_of(&env.target);
-        self.begin(1);
         match self.partitions[p.0 as usize].ingress.send(env).await {
             Ok(()) => Ok(()),
             Err(mpsc::error::SendError(_)) => {
@@ -336,7 +341,8 @@ impl RuntimeBuilder {
             outstanding: AtomicU64::new(0),
             idle: Notify::new(),
             clock: Clock::new(),
-            stopping: CancellationToken::new(),
+            stopping: AtomicBool::new(false),
+            backend: Arc::clone(&self.backend),
         });
         let partitions = receivers
             .into_iter()
@@ -402,6 +408,27 @@ impl Runtime {
             let stop = stop_ingress.clone();
             ingresses.spawn(async move { (name, ingress.run(sink, stop).await) });
         }
+        if self.shared.config.checkpoint_interval_ms > 0 {
+            let handle = RuntimeHandle {
+                shared: Arc::clone(&self.shared),
+            };
+            let stop = stop_partitions.clone();
+            let every = Duration::from_millis(self.shared.config.checkpoint_interval_ms);
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tick.tick() => match handle.checkpoint().await {
+                            Ok(None) => return, // the backend does not take checkpoints
+                            Ok(Some(c)) => tracing::info!(id = c.id, path = %c.path.display(), "checkpoint taken"),
+                            Err(e) => tracing::error!(error = %e, "periodic checkpoint failed"),
+                        },
+                    }
+                }
+            });
+        }
         tracing::info!(
             partitions = self.shared.config.partitions,
             functions = self.shared.module.len(),
@@ -434,18 +461,30 @@ impl Runtime {
 
         tracing::info!("runtime shutting down: stopping ingresses");
         stop_ingress.cancel();
-        while let Some(res) = ingresses.join_next().await {
-            match res {
-                Ok((_, Ok(()))) => {}
-                Ok((_, Err(e))) => ingress_errors.push(e.to_string()),
-                Err(e) => ingress_errors.push(format!("ingress task panicked: {e}")),
+        let drain = Duration::from_millis(self.shared.config.drain_timeout_ms);
+        let stopped = tokio::time::timeout(drain, async {
+            let mut errors = Vec::new();
+            while let Some(res) = ingresses.join_next().await {
+                match res {
+                    Ok((_, Ok(()))) => {}
+                    Ok((_, Err(e))) => errors.push(e.to_string()),
+                    Err(e) => errors.push(format!("ingress task panicked: {e}")),
+                }
+            }
+            errors
+        })
+        .await;
+        match stopped {
+            Ok(errors) => ingress_errors.extend(errors),
+            Err(_) => {
+                ingresses.abort_all();
+                ingress_errors.push("an ingress did not stop within the drain timeout and was aborted".to_owned());
             }
         }
-        self.shared.stopping.cancel();
+        self.shared.stopping.store(true, Ordering::SeqCst);
         let handle = RuntimeHandle {
             shared: Arc::clone(&self.shared),
         };
-        let drain = Duration::from_millis(self.shared.config.drain_timeout_ms);
         let drained = failure.is_none() && tokio::time::timeout(drain, handle.wait_idle()).await.is_ok();
         if !drained {
             tracing::warn!(
@@ -510,7 +549,7 @@ impl RuntimeHandle {
 
     /// Messages accepted but not yet finished.
     pub fn outstanding(&self) -> u64 {
-        self.shared.outstanding.load(Ordering::Acquire)
+        self.shared.outstanding.load(Ordering::SeqCst)
     }
 
     /// Waits until no message is queued or in flight anywhere (delayed messages that are
@@ -588,6 +627,16 @@ impl RuntimeHandle {
         let p = self.shared.partition_of(address);
         let address = address.clone();
         self.control(p, |reply| Control::Unpark { address, reply }).await
+    }
+
+    /// Takes a checkpoint of the state now (off the async threads). `Ok(None)` if the
+    /// state backend does not take checkpoints.
+    pub async fn checkpoint(&self) -> Result<Option<state::CheckpointInfo>, QueryError> {
+        let backend = Arc::clone(&self.shared.backend);
+        tokio::task::spawn_blocking(move || backend.checkpoint())
+            .await
+            .map_err(|_| QueryError::NotRunning)?
+            .map_err(QueryError::State)
     }
 
     /// Statistics of every partition.

@@ -49,12 +49,11 @@ impl Timers {
         envelope: Envelope,
     ) {
         let key = self.key(due);
-        if let Some(t) = &token {
-            if let Some(old) = self.tokens.insert((sender.clone(), t.clone()), key) {
-                if self.queue.remove(&old).is_some() {
-                    self.delayed -= 1;
-                }
-            }
+        if let Some(t) = &token
+            && let Some(old) = self.tokens.insert((sender.clone(), t.clone()), key)
+            && self.queue.remove(&old).is_some()
+        {
+            self.delayed -= 1;
         }
         self.queue.insert(
             key,

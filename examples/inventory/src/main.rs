@@ -153,7 +153,7 @@ async fn main() -> anyhow::Result<()> {
             last_events = events;
             next_report += Duration::from_secs(1);
         }
-        if baskets.len() % 64 == 0 {
+        if baskets.len().is_multiple_of(64) {
             if args.rate > 0 {
                 let due = Duration::from_secs_f64(events as f64 / args.rate as f64);
                 if let Some(ahead) = due.checked_sub(started.elapsed()) {

@@ -20,6 +20,14 @@ use statefun_sdk::Address;
 
 use crate::partitioner::PartitionId;
 
+#[cfg(feature = "rocksdb")]
+pub mod checkpoint;
+pub mod keys;
+#[cfg(feature = "rocksdb")]
+pub mod rocksdb;
+#[cfg(feature = "rocksdb")]
+pub use self::rocksdb::{RocksDbBackend, RocksDbOptions};
+
 /// Why a state backend operation failed. Backends say whether a retry can help.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -52,17 +60,21 @@ pub struct WriteOp {
     pub value: Option<StoredValue>,
 }
 
-/// State changes applied atomically.
+/// State changes and progress markers, applied atomically: after a crash either all of
+/// them are visible or none is.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct WriteBatch {
     /// The operations, applied in order.
     pub ops: Vec<WriteOp>,
+    /// Progress markers: `(source, position consumed up to)`, stored with the state they
+    /// produced so recovery restarts from exactly there.
+    pub progress: Vec<(String, u64)>,
 }
 
 impl WriteBatch {
     /// True when there is nothing to write.
     pub fn is_empty(&self) -> bool {
-        self.ops.is_empty()
+        self.ops.is_empty() && self.progress.is_empty()
     }
 }
 
@@ -72,12 +84,31 @@ pub trait PartitionStore: Send + 'static {
     fn get(&self, address: &Address, name: &str) -> Result<Option<StoredValue>, Error>;
     /// Applies a batch atomically.
     fn write(&mut self, batch: WriteBatch) -> Result<(), Error>;
+    /// The last position stored for `source` in this partition.
+    fn progress(&self, source: &str) -> Result<Option<u64>, Error>;
+}
+
+/// A checkpoint that was taken.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckpointInfo {
+    /// Increasing checkpoint id.
+    pub id: u64,
+    /// Where it is.
+    pub path: std::path::PathBuf,
+    /// Creation time, milliseconds since the Unix epoch.
+    pub created_at_ms: u64,
 }
 
 /// Opens partition stores.
 pub trait StateBackend: Send + Sync + 'static {
     /// Opens the store of `partition`. Called once per partition when the runtime starts.
     fn open_partition(&self, partition: PartitionId) -> Result<Box<dyn PartitionStore>, Error>;
+
+    /// Takes a checkpoint if the backend supports them (`Ok(None)` otherwise). Blocking:
+    /// the runtime calls it from `spawn_blocking`.
+    fn checkpoint(&self) -> Result<Option<CheckpointInfo>, Error> {
+        Ok(None)
+    }
 }
 
 /// In-memory state: fast, shipped for tests, benchmarks and the embedded default. State
@@ -102,6 +133,7 @@ impl StateBackend for MemoryBackend {
 #[derive(Debug, Default)]
 pub struct MemoryStore {
     values: HashMap<Address, Vec<(Arc<str>, StoredValue)>, ahash::RandomState>,
+    progress: HashMap<String, u64>,
 }
 
 impl PartitionStore for MemoryStore {
@@ -133,7 +165,12 @@ impl PartitionStore for MemoryStore {
                 }
             }
         }
+        self.progress.extend(batch.progress);
         Ok(())
+    }
+
+    fn progress(&self, source: &str) -> Result<Option<u64>, Error> {
+        Ok(self.progress.get(source).copied())
     }
 }
 
@@ -163,6 +200,7 @@ mod tests {
         let a = addr("a");
         s.write(WriteBatch {
             ops: vec![put(&a, "x", b"1"), put(&a, "y", b"2"), put(&a, "x", b"3")],
+            progress: vec![],
         })
         .unwrap();
         assert_eq!(s.get(&a, "x").unwrap().unwrap().value, Bytes::from_static(b"3"));
@@ -174,6 +212,7 @@ mod tests {
                 name: Arc::from("x"),
                 value: None,
             }],
+            progress: vec![],
         })
         .unwrap();
         assert_eq!(s.get(&a, "x").unwrap(), None);

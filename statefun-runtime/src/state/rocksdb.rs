@@ -1,0 +1,369 @@
+//! The RocksDB state backend: durable per-address state, co-located with its partition.
+//!
+//! Why it exists: state must survive process crashes. One RocksDB database per runtime
+//! instance holds every partition's data under the versioned key layout of
+//! [`keys`](super::keys); each partition's store is a view bound to its partition
+//! prefix, so partitions never see each other's keys and the partition task needs no
+//! lock (RocksDB's own write path is thread-safe).
+//!
+//! Value layout: `[value format = 1][flags: bit 0 = expires][expires_at_ms u64 BE, if
+//! flag][value bytes]`. A write is one RocksDB `WriteBatch`: all of its state changes
+//! and progress markers become durable together (WAL on, no fsync per write: survives a
+//! process crash; a machine crash may lose the last writes, see docs/guarantees.md).
+//!
+//! The database records the key format version it was written with (meta key
+//! `0x00 "format"`). Opening a database of another version fails with an error that
+//! names the path, instead of misreading its keys.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use statefun_sdk::Address;
+
+use super::keys::{self, FORMAT_VERSION};
+use super::{Error, PartitionStore, StateBackend, StoredValue, WriteBatch};
+use crate::partitioner::PartitionId;
+
+const VALUE_FORMAT: u8 = 1;
+const FLAG_EXPIRES: u8 = 0x01;
+const META_FORMAT_KEY: &[u8] = b"\x00format";
+
+/// Maps a RocksDB error to ours: whether a retry can help, and where it happened.
+fn map_err(path: &Path, what: &str, e: rocksdb::Error) -> Error {
+    use rocksdb::ErrorKind::*;
+    let msg = format!("{what} in RocksDB at {}: {e}", path.display());
+    match e.kind() {
+        Busy | TryAgain | TimedOut | Incomplete => Error::Transient(msg),
+        _ => Error::Permanent(msg),
+    }
+}
+
+pub(crate) fn encode_value(v: &StoredValue) -> Vec<u8> {
+    let mut out = Vec::with_capacity(10 + v.value.len());
+    out.push(VALUE_FORMAT);
+    match v.expires_at_ms {
+        Some(t) => {
+            out.push(FLAG_EXPIRES);
+            out.extend_from_slice(&t.to_be_bytes());
+        }
+        None => out.push(0),
+    }
+    out.extend_from_slice(&v.value);
+    out
+}
+
+pub(crate) fn decode_value(b: &[u8]) -> Result<StoredValue, String> {
+    match b {
+        [VALUE_FORMAT, FLAG_EXPIRES, rest @ ..] if rest.len() >= 8 => {
+            let (t, v) = rest.split_at(8);
+            Ok(StoredValue {
+                value: Bytes::copy_from_slice(v),
+                expires_at_ms: Some(u64::from_be_bytes(t.try_into().expect("8 bytes"))),
+            })
+        }
+        [VALUE_FORMAT, 0, v @ ..] => Ok(StoredValue {
+            value: Bytes::copy_from_slice(v),
+            expires_at_ms: None,
+        }),
+        [f, ..] if *f != VALUE_FORMAT => Err(format!("unknown value format {f}")),
+        _ => Err("truncated value".to_owned()),
+    }
+}
+
+fn wall_clock_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Compaction filter: drops state values whose expiry deadline has passed, so expired
+/// state does not hold disk space (reads never return them either way). Uses the wall
+/// clock; every other key kind is kept.
+fn drop_expired(_level: u32, key: &[u8], value: &[u8]) -> rocksdb::CompactionDecision {
+    if let ([FORMAT_VERSION, keys::KIND_STATE, ..], [VALUE_FORMAT, FLAG_EXPIRES, rest @ ..]) = (key, value)
+        && let Some(t) = rest.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes)
+        && t <= wall_clock_ms()
+    {
+        return rocksdb::CompactionDecision::Remove;
+    }
+    rocksdb::CompactionDecision::Keep
+}
+
+/// Options of the RocksDB backend.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RocksDbOptions {
+    /// fsync the WAL on every write: survives a machine crash, at a large cost in
+    /// throughput. Default: false (survives a process crash).
+    pub sync_writes: bool,
+    /// Block cache size in MiB. Default: 256.
+    pub block_cache_mib: usize,
+    /// Where checkpoints go; `None` disables them. Default: none.
+    pub checkpoint_dir: Option<PathBuf>,
+    /// How many completed checkpoints to keep. Default: 3.
+    pub checkpoints_retained: usize,
+}
+
+impl Default for RocksDbOptions {
+    fn default() -> Self {
+        RocksDbOptions {
+            sync_writes: false,
+            block_cache_mib: 256,
+            checkpoint_dir: None,
+            checkpoints_retained: 3,
+        }
+    }
+}
+
+impl RocksDbOptions {
+    /// The RocksDB options this backend opens its database with (also used by the
+    /// benchmarks so that raw RocksDB is measured with the same settings).
+    pub fn db_options(&self) -> rocksdb::Options {
+        let mut o = rocksdb::Options::default();
+        o.create_if_missing(true);
+        o.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        o.increase_parallelism(2);
+        let mut table = rocksdb::BlockBasedOptions::default();
+        table.set_block_cache(&rocksdb::Cache::new_lru_cache(self.block_cache_mib << 20));
+        table.set_bloom_filter(10.0, false);
+        o.set_block_based_table_factory(&table);
+        o.set_compaction_filter("statefun-expired-state", drop_expired);
+        o
+    }
+
+    /// The write options of every commit.
+    pub fn write_options(&self) -> rocksdb::WriteOptions {
+        let mut w = rocksdb::WriteOptions::default();
+        w.set_sync(self.sync_writes);
+        w
+    }
+}
+
+/// Durable state in one RocksDB database per runtime instance.
+#[derive(Clone)]
+pub struct RocksDbBackend {
+    db: Arc<rocksdb::DB>,
+    path: Arc<PathBuf>,
+    options: RocksDbOptions,
+}
+
+impl std::fmt::Debug for RocksDbBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RocksDbBackend").field("path", &self.path).finish()
+    }
+}
+
+impl RocksDbBackend {
+    /// Opens (or creates) the database at `path`. Fails, naming the path, if the
+    /// database was written with another key format version or cannot be opened.
+    pub fn open(path: impl AsRef<Path>, options: RocksDbOptions) -> Result<RocksDbBackend, Error> {
+        let path = path.as_ref().to_path_buf();
+        let db = rocksdb::DB::open(&options.db_options(), &path).map_err(|e| map_err(&path, "open", e))?;
+        match db
+            .get(META_FORMAT_KEY)
+            .map_err(|e| map_err(&path, "read format marker", e))?
+        {
+            None => db
+                .put(META_FORMAT_KEY, [FORMAT_VERSION])
+                .map_err(|e| map_err(&path, "write format marker", e))?,
+            Some(v) if v.as_slice() == [FORMAT_VERSION] => {}
+            Some(v) => {
+                return Err(Error::Permanent(format!(
+                    "state at {} uses key format {:?}; this build reads format {FORMAT_VERSION}. \
+                     Run the version that wrote it, or restore a checkpoint of a supported format \
+                     (see docs/operations.md)",
+                    path.display(),
+                    v
+                )));
+            }
+        }
+        Ok(RocksDbBackend {
+            db: Arc::new(db),
+            path: Arc::new(path),
+            options,
+        })
+    }
+
+    /// Opens the database at `path`; if there is none yet and `options.checkpoint_dir`
+    /// holds a checkpoint, restores the newest one first. Refuses to start (with an
+    /// error naming the file) if that checkpoint is corrupt, rather than starting empty.
+    /// Returns the backend and the manifest of the restored checkpoint, if any.
+    pub fn open_or_restore(
+        path: impl AsRef<Path>,
+        options: RocksDbOptions,
+    ) -> Result<(RocksDbBackend, Option<super::checkpoint::CheckpointManifest>), Error> {
+        let path = path.as_ref();
+        let mut restored = None;
+        if !path.join("CURRENT").exists()
+            && let Some(root) = &options.checkpoint_dir
+            && let Some((_, newest)) = super::checkpoint::list(root)?.pop()
+        {
+            tracing::info!(checkpoint = %newest.display(), db = %path.display(), "restoring checkpoint");
+            restored = Some(super::checkpoint::restore(&newest, path)?);
+        }
+        Ok((RocksDbBackend::open(path, options)?, restored))
+    }
+
+    /// Takes a checkpoint now into `options.checkpoint_dir` (blocking).
+    pub fn create_checkpoint(&self) -> Result<super::checkpoint::CheckpointManifest, Error> {
+        let root = self.options.checkpoint_dir.as_ref().ok_or_else(|| {
+            Error::Permanent("checkpoints are disabled: set RocksDbOptions::checkpoint_dir".to_owned())
+        })?;
+        super::checkpoint::create(&self.db, root, self.options.checkpoints_retained)
+    }
+
+    /// Where the database lives.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl StateBackend for RocksDbBackend {
+    fn checkpoint(&self) -> Result<Option<super::CheckpointInfo>, Error> {
+        let Some(root) = &self.options.checkpoint_dir else {
+            return Ok(None);
+        };
+        let m = self.create_checkpoint()?;
+        Ok(Some(super::CheckpointInfo {
+            id: m.id,
+            path: root.join(format!("{:020}", m.id)),
+            created_at_ms: m.created_at_ms,
+        }))
+    }
+
+    fn open_partition(&self, partition: PartitionId) -> Result<Box<dyn PartitionStore>, Error> {
+        Ok(Box::new(RocksDbStore {
+            db: Arc::clone(&self.db),
+            path: Arc::clone(&self.path),
+            partition,
+            write_options: self.options.write_options(),
+        }))
+    }
+}
+
+/// One partition's view of the database.
+struct RocksDbStore {
+    db: Arc<rocksdb::DB>,
+    path: Arc<PathBuf>,
+    partition: PartitionId,
+    write_options: rocksdb::WriteOptions,
+}
+
+impl PartitionStore for RocksDbStore {
+    fn get(&self, address: &Address, name: &str) -> Result<Option<StoredValue>, Error> {
+        let key = keys::state_key(self.partition, address, name);
+        match self.db.get_pinned(&key).map_err(|e| map_err(&self.path, "read", e))? {
+            None => Ok(None),
+            Some(v) => decode_value(&v).map(Some).map_err(|e| {
+                Error::Permanent(format!(
+                    "corrupt value of {address} state {name:?} in RocksDB at {}: {e}",
+                    self.path.display()
+                ))
+            }),
+        }
+    }
+
+    fn write(&mut self, batch: WriteBatch) -> Result<(), Error> {
+        let mut wb = rocksdb::WriteBatch::default();
+        for op in &batch.ops {
+            let key = keys::state_key(self.partition, &op.address, &op.name);
+            match &op.value {
+                Some(v) => wb.put(&key, encode_value(v)),
+                None => wb.delete(&key),
+            }
+        }
+        for (source, position) in &batch.progress {
+            wb.put(keys::progress_key(self.partition, source), position.to_be_bytes());
+        }
+        self.db
+            .write_opt(wb, &self.write_options)
+            .map_err(|e| map_err(&self.path, "write", e))
+    }
+
+    fn progress(&self, source: &str) -> Result<Option<u64>, Error> {
+        let key = keys::progress_key(self.partition, source);
+        match self
+            .db
+            .get_pinned(&key)
+            .map_err(|e| map_err(&self.path, "read progress", e))?
+        {
+            None => Ok(None),
+            Some(v) => {
+                let b: [u8; 8] = v.as_ref().try_into().map_err(|_| {
+                    Error::Permanent(format!(
+                        "corrupt progress marker of {source:?} in RocksDB at {}",
+                        self.path.display()
+                    ))
+                })?;
+                Ok(Some(u64::from_be_bytes(b)))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn values_round_trip(v in proptest::collection::vec(any::<u8>(), 0..64), t in proptest::option::of(any::<u64>())) {
+            let sv = StoredValue { value: Bytes::from(v), expires_at_ms: t };
+            prop_assert_eq!(decode_value(&encode_value(&sv)).unwrap(), sv);
+        }
+
+        #[test]
+        fn garbage_values_are_errors_not_panics(v in proptest::collection::vec(any::<u8>(), 0..16)) {
+            let _ = decode_value(&v);
+        }
+    }
+
+    #[test]
+    fn compaction_drops_expired_state_and_keeps_the_rest() {
+        use statefun_sdk::TypeName;
+        let dir = tempfile::tempdir().unwrap();
+        let b = RocksDbBackend::open(dir.path(), RocksDbOptions::default()).unwrap();
+        let mut s = b.open_partition(PartitionId(0)).unwrap();
+        let a = Address::new(TypeName::from_static("t/f"), "a").unwrap();
+        let op = |name: &str, exp| super::super::WriteOp {
+            address: a.clone(),
+            name: std::sync::Arc::from(name),
+            value: Some(StoredValue {
+                value: Bytes::from_static(b"v"),
+                expires_at_ms: exp,
+            }),
+        };
+        let future = wall_clock_ms() + 3_600_000;
+        s.write(WriteBatch {
+            ops: vec![op("expired", Some(1)), op("later", Some(future)), op("forever", None)],
+            progress: vec![("src".into(), 1)],
+        })
+        .unwrap();
+        let count = || b.db.iterator(rocksdb::IteratorMode::Start).count();
+        assert_eq!(count(), 5, "3 values, 1 progress marker, 1 format marker");
+        b.db.flush().unwrap();
+        b.db.compact_range::<&[u8], &[u8]>(None, None);
+        assert_eq!(count(), 4, "only the expired value is gone");
+        assert!(s.get(&a, "expired").unwrap().is_none());
+        assert!(s.get(&a, "later").unwrap().is_some());
+        assert_eq!(s.progress("src").unwrap(), Some(1));
+    }
+
+    #[test]
+    fn a_database_of_another_key_format_is_refused_with_its_path() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = rocksdb::DB::open(&RocksDbOptions::default().db_options(), dir.path()).unwrap();
+            db.put(META_FORMAT_KEY, [99u8]).unwrap();
+        }
+        let err = RocksDbBackend::open(dir.path(), RocksDbOptions::default()).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains(&dir.path().display().to_string()) && msg.contains("format"),
+            "{msg}"
+        );
+    }
+}

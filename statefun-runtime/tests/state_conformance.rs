@@ -1,0 +1,260 @@
+//! Conformance suite every state backend passes: the same checks run against the
+//! in-memory backend and against RocksDB in a temp dir (real RocksDB, no mock).
+//! Proves: get/put/overwrite/delete per (address, name); batches apply in order;
+//! expiry metadata round-trips; ids that are prefixes of each other, equal ids of
+//! different types, and different partitions never collide; progress markers are
+//! stored with the batch; a random sequence of batches leaves the store equal to a
+//! `HashMap` model. For durable backends also: everything survives a reopen.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use proptest::prelude::*;
+use statefun_runtime::PartitionId;
+use statefun_runtime::state::{MemoryBackend, PartitionStore, StateBackend, StoredValue, WriteBatch, WriteOp};
+use statefun_sdk::{Address, TypeName};
+
+/// A backend under test: how to make one, and how to reopen it (durable backends).
+trait Subject {
+    fn backend(&self) -> Arc<dyn StateBackend>;
+    /// Drops and reopens the backend; `None` for backends that do not persist.
+    fn reopen(&mut self) -> Option<Arc<dyn StateBackend>>;
+}
+
+struct Memory;
+impl Subject for Memory {
+    fn backend(&self) -> Arc<dyn StateBackend> {
+        Arc::new(MemoryBackend::new())
+    }
+    fn reopen(&mut self) -> Option<Arc<dyn StateBackend>> {
+        None
+    }
+}
+
+struct Rocks {
+    dir: tempfile::TempDir,
+    current: Option<Arc<dyn StateBackend>>,
+}
+impl Rocks {
+    fn new() -> Rocks {
+        Rocks {
+            dir: tempfile::tempdir().unwrap(),
+            current: None,
+        }
+    }
+    fn open(&self) -> Arc<dyn StateBackend> {
+        Arc::new(statefun_runtime::state::RocksDbBackend::open(self.dir.path(), Default::default()).unwrap())
+    }
+}
+impl Subject for Rocks {
+    fn backend(&self) -> Arc<dyn StateBackend> {
+        self.open()
+    }
+    fn reopen(&mut self) -> Option<Arc<dyn StateBackend>> {
+        self.current = None;
+        let b = self.open();
+        self.current = Some(b.clone());
+        Some(b)
+    }
+}
+
+fn addr(t: &str, id: &str) -> Address {
+    Address::new(TypeName::parse(t).unwrap(), id).unwrap()
+}
+
+fn put(a: &Address, name: &str, v: &[u8], exp: Option<u64>) -> WriteOp {
+    WriteOp {
+        address: a.clone(),
+        name: Arc::from(name),
+        value: Some(StoredValue {
+            value: Bytes::copy_from_slice(v),
+            expires_at_ms: exp,
+        }),
+    }
+}
+
+fn del(a: &Address, name: &str) -> WriteOp {
+    WriteOp {
+        address: a.clone(),
+        name: Arc::from(name),
+        value: None,
+    }
+}
+
+fn batch(ops: Vec<WriteOp>) -> WriteBatch {
+    WriteBatch { ops, progress: vec![] }
+}
+
+fn value(s: &dyn PartitionStore, a: &Address, name: &str) -> Option<Vec<u8>> {
+    s.get(a, name).unwrap().map(|v| v.value.to_vec())
+}
+
+fn basic_operations(subject: &mut dyn Subject) {
+    let b = subject.backend();
+    let mut s = b.open_partition(PartitionId(0)).unwrap();
+    let a = addr("t/f", "a");
+    assert_eq!(s.get(&a, "x").unwrap(), None, "missing reads as None");
+    s.write(batch(vec![put(&a, "x", b"1", None), put(&a, "y", b"2", Some(77))]))
+        .unwrap();
+    assert_eq!(value(&*s, &a, "x"), Some(b"1".to_vec()));
+    assert_eq!(s.get(&a, "y").unwrap().unwrap().expires_at_ms, Some(77));
+    s.write(batch(vec![put(&a, "x", b"3", None)])).unwrap();
+    assert_eq!(value(&*s, &a, "x"), Some(b"3".to_vec()), "overwrite");
+    s.write(batch(vec![del(&a, "x"), del(&a, "never-written")])).unwrap();
+    assert_eq!(value(&*s, &a, "x"), None, "delete");
+    assert_eq!(value(&*s, &a, "y"), Some(b"2".to_vec()), "delete touches one name only");
+    s.write(batch(vec![
+        put(&a, "z", b"1", None),
+        del(&a, "z"),
+        put(&a, "w", b"", None),
+        del(&a, "w"),
+        put(&a, "w", b"", None),
+    ]))
+    .unwrap();
+    assert_eq!(value(&*s, &a, "z"), None, "ops of a batch apply in order");
+    assert_eq!(
+        value(&*s, &a, "w"),
+        Some(vec![]),
+        "an empty value is a value, not an absence"
+    );
+}
+
+fn keys_never_collide(subject: &mut dyn Subject) {
+    let b = subject.backend();
+    let mut p0 = b.open_partition(PartitionId(0)).unwrap();
+    let mut p1 = b.open_partition(PartitionId(1)).unwrap();
+    let (a, ab, other_type) = (addr("t/f", "a"), addr("t/f", "ab"), addr("t/g", "a"));
+    p0.write(batch(vec![
+        put(&a, "bc", b"a/bc", None),
+        put(&ab, "c", b"ab/c", None),
+        put(&other_type, "bc", b"g", None),
+    ]))
+    .unwrap();
+    p1.write(batch(vec![put(&a, "bc", b"p1", None)])).unwrap();
+    assert_eq!(value(&*p0, &a, "bc"), Some(b"a/bc".to_vec()));
+    assert_eq!(value(&*p0, &ab, "c"), Some(b"ab/c".to_vec()));
+    assert_eq!(value(&*p0, &a, "b"), None);
+    assert_eq!(value(&*p0, &other_type, "bc"), Some(b"g".to_vec()));
+    assert_eq!(value(&*p1, &a, "bc"), Some(b"p1".to_vec()), "partitions are isolated");
+    assert_eq!(value(&*p1, &ab, "c"), None);
+}
+
+fn progress_is_stored_with_the_batch(subject: &mut dyn Subject) {
+    let b = subject.backend();
+    let mut s = b.open_partition(PartitionId(3)).unwrap();
+    assert_eq!(s.progress("src").unwrap(), None);
+    let a = addr("t/f", "a");
+    s.write(WriteBatch {
+        ops: vec![put(&a, "x", b"1", None)],
+        progress: vec![("src".into(), 41), ("other".into(), 7)],
+    })
+    .unwrap();
+    s.write(WriteBatch {
+        ops: vec![],
+        progress: vec![("src".into(), 42)],
+    })
+    .unwrap();
+    assert_eq!(s.progress("src").unwrap(), Some(42));
+    assert_eq!(s.progress("other").unwrap(), Some(7));
+    assert_eq!(b.open_partition(PartitionId(4)).unwrap().progress("src").unwrap(), None);
+}
+
+fn survives_reopen(subject: &mut dyn Subject) {
+    let b = subject.backend();
+    let a = addr("t/f", "a");
+    {
+        let mut s = b.open_partition(PartitionId(2)).unwrap();
+        s.write(WriteBatch {
+            ops: vec![
+                put(&a, "x", b"kept", Some(5)),
+                put(&a, "gone", b"1", None),
+                del(&a, "gone"),
+            ],
+            progress: vec![("src".into(), 9)],
+        })
+        .unwrap();
+    }
+    drop(b);
+    let Some(b) = subject.reopen() else { return };
+    let s = b.open_partition(PartitionId(2)).unwrap();
+    let v = s.get(&a, "x").unwrap().unwrap();
+    assert_eq!((v.value.as_ref(), v.expires_at_ms), (&b"kept"[..], Some(5)));
+    assert_eq!(value(&*s, &a, "gone"), None);
+    assert_eq!(s.progress("src").unwrap(), Some(9));
+}
+
+type Op = (u8, u8, u8, Option<u8>); // (address, name, value, None = delete)
+
+fn matches_model(subject: &mut dyn Subject, batches: Vec<Vec<Op>>) -> Result<(), TestCaseError> {
+    let b = subject.backend();
+    let mut s = b.open_partition(PartitionId(0)).unwrap();
+    let mut model: HashMap<(u8, u8), u8> = HashMap::new();
+    let a = |i: u8| addr("m/f", &format!("id{i}"));
+    for ops in batches {
+        let mut wb = batch(vec![]);
+        for (ai, ni, _, v) in &ops {
+            let name = format!("s{ni}");
+            match v {
+                Some(v) => {
+                    wb.ops.push(put(&a(*ai), &name, &[*v], None));
+                    model.insert((*ai, *ni), *v);
+                }
+                None => {
+                    wb.ops.push(del(&a(*ai), &name));
+                    model.remove(&(*ai, *ni));
+                }
+            }
+        }
+        s.write(wb).unwrap();
+    }
+    for ai in 0..6u8 {
+        for ni in 0..3u8 {
+            let got = value(&*s, &a(ai), &format!("s{ni}"));
+            prop_assert_eq!(got, model.get(&(ai, ni)).map(|v| vec![*v]));
+        }
+    }
+    Ok(())
+}
+
+fn ops() -> impl Strategy<Value = Vec<Vec<Op>>> {
+    proptest::collection::vec(
+        proptest::collection::vec((0u8..6, 0u8..3, any::<u8>(), proptest::option::of(any::<u8>())), 0..6),
+        1..20,
+    )
+}
+
+macro_rules! conformance {
+    ($module:ident, $make:expr) => {
+        mod $module {
+            use super::*;
+
+            #[test]
+            fn basic_operations() {
+                super::basic_operations(&mut $make);
+            }
+            #[test]
+            fn keys_never_collide() {
+                super::keys_never_collide(&mut $make);
+            }
+            #[test]
+            fn progress_is_stored_with_the_batch() {
+                super::progress_is_stored_with_the_batch(&mut $make);
+            }
+            #[test]
+            fn survives_reopen_if_durable() {
+                super::survives_reopen(&mut $make);
+            }
+            proptest! {
+                #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+                #[test]
+                fn random_batches_match_a_hashmap_model(batches in ops()) {
+                    super::matches_model(&mut $make, batches)?;
+                }
+            }
+        }
+    };
+}
+
+conformance!(memory, Memory);
+conformance!(rocksdb, Rocks::new());
