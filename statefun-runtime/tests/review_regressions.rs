@@ -45,20 +45,25 @@ async fn a_self_messaging_function_does_not_starve_its_partition() {
     let stop = CancellationToken::new();
     let running = tokio::spawn(runtime.run(stop.clone().cancelled_owned()));
     h.send_value(Address::new(LOOP, "x").unwrap(), &i64::MAX).await.unwrap();
-    // The partition is busy forever, yet it keeps answering queries while it loops.
-    let mut seen = 0;
-    for _ in 0..1000 {
-        let stats = tokio::time::timeout(Duration::from_secs(10), h.stats())
+    // The partition is busy forever, yet it answers queries, and the loop keeps going
+    // between two answers.
+    let invocations = || async {
+        tokio::time::timeout(Duration::from_secs(10), h.stats())
             .await
             .expect("stats answered while the loop runs")
-            .unwrap();
-        seen = stats[0].invocations;
-        if seen > 10_000 {
+            .unwrap()[0]
+            .invocations
+    };
+    let first = invocations().await;
+    let mut later = first;
+    for _ in 0..10_000 {
+        later = invocations().await;
+        if later > first {
             break;
         }
         tokio::task::yield_now().await;
     }
-    assert!(seen > 10_000, "the loop made progress between queries: {seen}");
+    assert!(later > first, "the loop progressed between queries: {first} -> {later}");
     stop.cancel();
     let report = tokio::time::timeout(Duration::from_secs(10), running)
         .await
