@@ -49,6 +49,16 @@ pub enum KeyError {
     /// The key ends early or has trailing bytes.
     #[error("malformed key: {0}")]
     Malformed(&'static str),
+    /// A component is longer than its length prefix can say.
+    #[error("{what} is {len} bytes long; the key format allows at most {max}")]
+    TooLong {
+        /// Which component.
+        what: &'static str,
+        /// Its length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
 }
 
 /// A decoded key.
@@ -108,14 +118,19 @@ pub fn state_key(partition: PartitionId, address: &Address, name: &str) -> Vec<u
     k
 }
 
-/// The key of the progress marker of `source` in `partition`. Source names longer than
-/// 65535 bytes are rejected by the caller.
-pub fn progress_key(partition: PartitionId, source: &str) -> Vec<u8> {
+/// The key of the progress marker of `source` in `partition`; source names are at most
+/// 65535 bytes.
+pub fn progress_key(partition: PartitionId, source: &str) -> Result<Vec<u8>, KeyError> {
     let s = source.as_bytes();
+    let len = u16::try_from(s.len()).map_err(|_| KeyError::TooLong {
+        what: "source name",
+        len: s.len(),
+        max: u16::MAX as usize,
+    })?;
     let mut k = header(KIND_PROGRESS, partition, 2 + s.len());
-    k.extend_from_slice(&(s.len() as u16).to_be_bytes());
+    k.extend_from_slice(&len.to_be_bytes());
     k.extend_from_slice(s);
-    k
+    Ok(k)
 }
 
 struct Reader<'a>(&'a [u8]);
@@ -217,7 +232,7 @@ mod tests {
 
         #[test]
         fn progress_keys_round_trip(p in any::<u32>(), s in "\\PC{0,20}") {
-            let k = progress_key(PartitionId(p), &s);
+            let k = progress_key(PartitionId(p), &s).unwrap();
             prop_assert_eq!(decode(&k).unwrap(), Key::Progress { partition: PartitionId(p), source: s });
         }
 
@@ -246,6 +261,16 @@ mod tests {
         fn arbitrary_bytes_never_panic_the_decoder(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
             let _ = decode(&bytes);
         }
+    }
+
+    #[test]
+    fn an_over_long_source_name_is_an_error_not_a_corrupt_key() {
+        let long = "s".repeat(u16::MAX as usize + 1);
+        assert!(matches!(
+            progress_key(PartitionId(0), &long),
+            Err(KeyError::TooLong { .. })
+        ));
+        assert!(progress_key(PartitionId(0), &long[1..]).is_ok());
     }
 
     #[test]

@@ -275,7 +275,8 @@ impl PartitionStore for RocksDbStore {
             }
         }
         for (source, position) in &batch.progress {
-            wb.put(keys::progress_key(self.partition, source), position.to_be_bytes());
+            let key = keys::progress_key(self.partition, source).map_err(|e| Error::Permanent(e.to_string()))?;
+            wb.put(key, position.to_be_bytes());
         }
         self.db
             .write_opt(wb, &self.write_options)
@@ -283,7 +284,7 @@ impl PartitionStore for RocksDbStore {
     }
 
     fn progress(&self, source: &str) -> Result<Option<u64>, Error> {
-        let key = keys::progress_key(self.partition, source);
+        let key = keys::progress_key(self.partition, source).map_err(|e| Error::Permanent(e.to_string()))?;
         match self
             .db
             .get_pinned(&key)
