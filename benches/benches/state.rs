@@ -43,7 +43,7 @@ fn put_op(a: &Address, name: &Arc<str>, v: &Bytes) -> WriteBatch {
                 expires_at_ms: None,
             }),
         }],
-        progress: vec![],
+        ..Default::default()
     }
 }
 

@@ -24,6 +24,26 @@ pub struct EgressRecord {
     pub source: Address,
     /// The record.
     pub message: TypedValue,
+    /// With a durable state backend: the record's id in the egress log. A record handed
+    /// to its sink again after a crash (the sink took it, the process died before the
+    /// log entry was deleted) has the same id, so a sink that keeps ids delivers each
+    /// record exactly once. `None` with a volatile backend.
+    pub id: Option<EgressId>,
+}
+
+/// The id of an egress record: the producing partition and its log sequence number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EgressId {
+    /// The producing partition.
+    pub partition: crate::PartitionId,
+    /// Its sequence number in that partition's egress log.
+    pub seq: u64,
+}
+
+impl std::fmt::Display for EgressId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.partition.0, self.seq)
+    }
 }
 
 /// Why an egress refused a record.

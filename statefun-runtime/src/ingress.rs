@@ -176,10 +176,16 @@ impl IngressSink {
                 return Ok(());
             }
         };
+        let position = record.position.as_ref().and_then(|p| {
+            let offset = u64::try_from(p.offset).ok()?;
+            Some((Arc::from(source_name(&p.topic, p.partition)), offset))
+        });
         let env = Envelope {
             target: routed.target,
             caller: None,
             message: routed.message,
+            inbox: None,
+            position,
         };
         match self.shared.submit(env).await {
             Ok(()) => Ok(()),
@@ -195,6 +201,42 @@ impl IngressSink {
             }
             Err(SubmitError::ShuttingDown) => Err(Closed),
         }
+    }
+}
+
+/// The name under which a partition stores its progress through one source partition.
+fn source_name(topic: &str, partition: i32) -> String {
+    format!("{topic}/{partition}")
+}
+
+impl IngressSink {
+    /// The offset of `topic`/`partition` up to which every record is durably accepted
+    /// by the runtime (in the inbox of its partition, or processed): a replayable source
+    /// resumes after it. `None` when nothing is known to be accepted (start from the
+    /// beginning), and always `None` for a volatile state backend.
+    ///
+    /// It is the smallest offset any runtime partition has stored for the source. A
+    /// partition that has stored none yet makes it `None`; records at or below a
+    /// partition's own stored offset are skipped when replayed, so resuming early never
+    /// duplicates.
+    pub fn committed_offset(&self, topic: &str, partition: i32) -> Result<Option<i64>, crate::state::Error> {
+        if !self.shared.backend.durable() {
+            return Ok(None);
+        }
+        let source = source_name(topic, partition);
+        let mut min: Option<u64> = None;
+        for p in 0..self.shared.config.partitions {
+            match self
+                .shared
+                .backend
+                .open_partition(crate::PartitionId(p))?
+                .progress(&source)?
+            {
+                None => return Ok(None),
+                Some(v) => min = Some(min.map_or(v, |m| m.min(v))),
+            }
+        }
+        Ok(min.and_then(|v| i64::try_from(v).ok()))
     }
 }
 
@@ -283,6 +325,105 @@ impl Ingress for VecIngress {
     async fn run(self: Box<Self>, sink: IngressSink, shutdown: CancellationToken) -> Result<(), Error> {
         for record in self.records {
             if shutdown.is_cancelled() || sink.deliver(record).await.is_err() {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Makes record `offset` of a [`GeneratorIngress`] from `(seed, offset)`.
+pub type Generate = dyn Fn(u64, u64) -> IngressRecord + Send + Sync;
+
+/// A deterministic, replayable source: record number `offset` is `generate(seed,
+/// offset)`, a pure function, for `offset` in `0..count`.
+///
+/// Why it exists: it is the embedded stand-in for a Kafka partition. Because any record
+/// can be produced again, a runtime on a durable backend resumes after a crash from the
+/// offset it committed ([`IngressSink::committed_offset`]), and the outcome can be
+/// compared with a crash-free run of the same seed. Records carry the source position
+/// `(name, 0, offset)`.
+pub struct GeneratorIngress {
+    name: String,
+    seed: u64,
+    count: u64,
+    per_second: Option<u64>,
+    generate: Arc<Generate>,
+}
+
+impl std::fmt::Debug for GeneratorIngress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GeneratorIngress")
+            .field("name", &self.name)
+            .field("seed", &self.seed)
+            .field("count", &self.count)
+            .field("per_second", &self.per_second)
+            .finish()
+    }
+}
+
+impl GeneratorIngress {
+    /// A source of `count` records made by `generate(seed, offset)`, as fast as the
+    /// runtime takes them.
+    pub fn new(
+        name: impl Into<String>,
+        seed: u64,
+        count: u64,
+        generate: impl Fn(u64, u64) -> IngressRecord + Send + Sync + 'static,
+    ) -> GeneratorIngress {
+        GeneratorIngress {
+            name: name.into(),
+            seed,
+            count,
+            per_second: None,
+            generate: Arc::new(generate),
+        }
+    }
+
+    /// Paces the source at about `records_per_second` (0 = unpaced).
+    pub fn with_rate(mut self, records_per_second: u64) -> GeneratorIngress {
+        self.per_second = (records_per_second > 0).then_some(records_per_second);
+        self
+    }
+}
+
+#[async_trait::async_trait]
+impl Ingress for GeneratorIngress {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn run(self: Box<Self>, sink: IngressSink, shutdown: CancellationToken) -> Result<(), Error> {
+        let committed = sink.committed_offset(&self.name, 0).map_err(|e| Error::Source {
+            ingress: self.name.clone(),
+            reason: format!("cannot read the committed offset: {e}"),
+        })?;
+        let start = committed.map_or(0, |o| o as u64 + 1);
+        if start > 0 {
+            tracing::info!(ingress = %self.name, offset = start, "generator resumes after the committed offset");
+        }
+        let topic: Arc<str> = Arc::from(self.name.as_str());
+        let began = tokio::time::Instant::now();
+        for offset in start..self.count {
+            if shutdown.is_cancelled() {
+                break;
+            }
+            if let Some(rate) = self.per_second {
+                let due = began + std::time::Duration::from_secs_f64((offset - start) as f64 / rate as f64);
+                if due > tokio::time::Instant::now() + std::time::Duration::from_millis(1) {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep_until(due) => {}
+                    }
+                }
+            }
+            let mut record = (self.generate)(self.seed, offset);
+            record.position = Some(SourcePosition {
+                topic: Arc::clone(&topic),
+                partition: 0,
+                offset: offset as i64,
+            });
+            if sink.deliver(record).await.is_err() {
                 break;
             }
         }

@@ -78,7 +78,10 @@ pub use egress::{
     ChannelEgress, CollectingDeadLetters, CollectingEgress, DeadLetter, DeadLetterReason, EgressRecord,
     LoggingDeadLetters,
 };
-pub use ingress::{IngressRecord, IngressSink, KeyRouter, MemoryIngress, MemoryIngressSender, Routed, VecIngress};
+pub use ingress::{
+    GeneratorIngress, IngressRecord, IngressSink, KeyRouter, MemoryIngress, MemoryIngressSender, Routed,
+    SourcePosition, VecIngress,
+};
 pub use partition::PartitionStats;
 pub use partitioner::{PartitionId, partition_for};
 pub use runtime::{Error, QueryError, RunReport, Runtime, RuntimeBuilder, RuntimeHandle, SendError};

@@ -36,11 +36,12 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::egress::{DeadLetter, DeadLetterReason, EgressRecord};
+use crate::egress::{DeadLetter, DeadLetterReason, EgressId, EgressRecord};
 use crate::metrics;
 use crate::partitioner::PartitionId;
 use crate::runtime::{Envelope, Shared};
-use crate::state::{self, PartitionStore, StoredValue, WriteBatch, WriteOp};
+use crate::state::entries::{self, StoredTimer};
+use crate::state::{self, LogKey, LogKind, LogOp, PartitionStore, StoredValue, WriteBatch, WriteOp};
 use crate::timers::{Timer, Timers};
 
 /// How many queued items one loop turn takes from a channel before looking elsewhere.
@@ -150,6 +151,29 @@ pub(crate) struct Partition {
     stats: PartitionStats,
     invocations_counter: ::metrics::Counter,
     failures_counter: ::metrics::Counter,
+    /// Durable mode (see `docs/architecture.md`, "Exactly-once across crashes"): every
+    /// accepted message, pending timer and produced egress record is in the store's
+    /// logs, written in the same batch as the state changes that produced it.
+    durable: bool,
+    /// Next log sequence number: `incarnation << 40 | counter`, so entries written after
+    /// a restart sort after (and never collide with) older ones.
+    seq: u64,
+    /// Progress stored per ingress source (loaded on first use).
+    progress: HashMap<Arc<str>, Option<u64>, ahash::RandomState>,
+    /// Ingress messages taken this loop turn, written to the inbox together before they
+    /// are dispatched (durable mode).
+    accepting: Vec<Envelope>,
+    /// The inbox write failed: no more ingress is taken until the retry timer fires.
+    accept_blocked: bool,
+    /// Log deletions that may wait for the next write: handed-over egress records,
+    /// dead-lettered inbox messages.
+    deferred: Vec<LogOp>,
+    recovered: Vec<Envelope>,
+    recovered_timers: Vec<(LogKey, StoredTimer)>,
+    recovered_egress: Vec<(LogKey, EgressRecord)>,
+    /// Reused by `log_effects` to return keys without allocating when unused.
+    scratch_timer_keys: Vec<Option<LogKey>>,
+    scratch_egress_keys: Vec<Option<LogKey>>,
 }
 
 fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
@@ -269,6 +293,8 @@ impl Partition {
                 )
             })
             .collect();
+        let durable = shared.backend.durable();
+        let seq = shared.backend.incarnation() << 40;
         Partition {
             id,
             shared,
@@ -288,12 +314,216 @@ impl Partition {
             },
             invocations_counter: ::metrics::counter!(metrics::INVOCATIONS),
             failures_counter: ::metrics::counter!(metrics::INVOCATION_FAILURES),
+            durable,
+            seq,
+            progress: HashMap::default(),
+            accepting: Vec::new(),
+            accept_blocked: false,
+            deferred: Vec::new(),
+            recovered: Vec::new(),
+            recovered_timers: Vec::new(),
+            recovered_egress: Vec::new(),
+            scratch_timer_keys: Vec::new(),
+            scratch_egress_keys: Vec::new(),
+        }
+    }
+
+    /// Reads what a durable store holds from before a restart: unprocessed inbox
+    /// messages, pending timers, egress records not yet handed over. Returns how many
+    /// messages it recovered (the caller counts them as outstanding). A log entry that
+    /// does not decode is an error: the runtime refuses to start rather than drop it.
+    pub(crate) fn recover(&mut self) -> Result<usize, state::Error> {
+        if !self.durable {
+            return Ok(0);
+        }
+        let corrupt = |what: &str, key: &LogKey, e: String| {
+            state::Error::Permanent(format!(
+                "partition {}: {what} {key:?} does not decode ({e}); restore a checkpoint \
+                 (see docs/operations.md)",
+                self.id
+            ))
+        };
+        for (key, bytes) in self.store.log(LogKind::Inbox)? {
+            let mut env = entries::decode_envelope(&bytes).map_err(|e| corrupt("inbox message", &key, e))?;
+            env.inbox = Some(key);
+            self.recovered.push(env);
+        }
+        for (key, bytes) in self.store.log(LogKind::Timers)? {
+            let t = entries::decode_timer(&bytes).map_err(|e| corrupt("timer", &key, e))?;
+            self.recovered_timers.push((key, t));
+        }
+        for (key, bytes) in self.store.log(LogKind::Egress)? {
+            let mut r = entries::decode_egress(&bytes).map_err(|e| corrupt("egress record", &key, e))?;
+            if let LogKey::Egress { seq } = key {
+                r.id = Some(EgressId {
+                    partition: self.id,
+                    seq,
+                });
+            }
+            self.recovered_egress.push((key, r));
+        }
+        if !self.recovered.is_empty() || !self.recovered_timers.is_empty() || !self.recovered_egress.is_empty() {
+            tracing::info!(
+                partition = %self.id,
+                messages = self.recovered.len(),
+                timers = self.recovered_timers.len(),
+                egress = self.recovered_egress.len(),
+                "recovered from the durable logs"
+            );
+        }
+        Ok(self.recovered.len())
+    }
+
+    /// Puts recovered work back in motion (first thing in `run`): timers are scheduled
+    /// again (overdue ones fire at once), egress records are handed to their sinks, and
+    /// inbox messages are dispatched before any new input, in inbox order (per sender,
+    /// in sequence order).
+    fn resume(&mut self) {
+        let now_ms = self.shared.clock.now_ms();
+        for (key, t) in std::mem::take(&mut self.recovered_timers) {
+            let due_ms = match key {
+                LogKey::Timer { due_ms, .. } => due_ms,
+                _ => now_ms,
+            };
+            let delay = std::time::Duration::from_millis(due_ms.saturating_sub(now_ms));
+            self.timers
+                .schedule_delayed(deadline_after(delay), t.sender, t.token, t.envelope, Some(key));
+        }
+        for (key, record) in std::mem::take(&mut self.recovered_egress) {
+            self.hand_over(Some(key), record);
+        }
+        for env in std::mem::take(&mut self.recovered) {
+            self.enqueue(env);
+        }
+    }
+
+    fn next_seq(&mut self) -> u64 {
+        let s = self.seq;
+        self.seq += 1;
+        s
+    }
+
+    /// Takes an ingress message: dispatched at once with a volatile backend; in durable
+    /// mode collected and written to the inbox by `flush_accepting`.
+    fn accept(&mut self, env: Envelope) {
+        if self.durable {
+            self.accepting.push(env);
+        } else {
+            self.enqueue(env);
+        }
+    }
+
+    fn stored_progress(&mut self, source: &Arc<str>) -> Result<Option<u64>, state::Error> {
+        if let Some(p) = self.progress.get(source) {
+            return Ok(*p);
+        }
+        let p = self.store.progress(source)?;
+        self.progress.insert(Arc::clone(source), p);
+        Ok(p)
+    }
+
+    /// Writes the ingress messages taken this turn into the inbox, with the source
+    /// positions they advance, in one batch; then dispatches them. Records at or below
+    /// a position already stored were accepted before a restart: they are skipped.
+    fn flush_accepting(&mut self) {
+        if self.accepting.is_empty() || self.accept_blocked {
+            return;
+        }
+        let taken = std::mem::take(&mut self.accepting);
+        let mut wb = WriteBatch::default();
+        let mut advanced: Vec<(Arc<str>, u64)> = Vec::new();
+        let mut keep = Vec::with_capacity(taken.len());
+        let mut skipped = 0;
+        for mut env in taken {
+            if let Some((source, offset)) = &env.position {
+                let stored = match advanced.iter().rev().find(|(s, _)| s == source) {
+                    Some((_, o)) => Some(*o),
+                    None => match self.stored_progress(source) {
+                        Ok(p) => p,
+                        Err(e) => {
+                            keep.push(env);
+                            // Put everything back and retry later.
+                            return self.accept_failed(keep, e);
+                        }
+                    },
+                };
+                if stored.is_some_and(|p| *offset <= p) {
+                    skipped += 1;
+                    continue;
+                }
+                advanced.push((Arc::clone(source), *offset));
+            }
+            let dispatchable =
+                !self.parked.contains_key(&env.target) && self.functions.contains_key(env.target.type_name());
+            if dispatchable {
+                let key = LogKey::Inbox {
+                    sender: self.id,
+                    seq: self.next_seq(),
+                };
+                wb.log.push(LogOp {
+                    partition: self.id,
+                    key,
+                    value: Some(entries::encode_envelope(&env)),
+                });
+                env.inbox = Some(key);
+            }
+            keep.push(env);
+        }
+        for (source, offset) in &advanced {
+            match wb.progress.iter_mut().find(|(s, _)| s.as_str() == &**source) {
+                Some(slot) => slot.1 = *offset,
+                None => wb.progress.push((source.to_string(), *offset)),
+            }
+        }
+        let deferred = std::mem::take(&mut self.deferred);
+        wb.log.extend(deferred.iter().cloned());
+        if !wb.is_empty()
+            && let Err(e) = self.store.write(wb)
+        {
+            self.deferred = deferred;
+            for env in &mut keep {
+                env.inbox = None;
+            }
+            return self.accept_failed(keep, e);
+        }
+        for (source, offset) in advanced {
+            self.progress.insert(source, Some(offset));
+        }
+        self.shared.finish(skipped);
+        for env in keep {
+            self.enqueue(env);
+        }
+    }
+
+    fn accept_failed(&mut self, mut keep: Vec<Envelope>, e: state::Error) {
+        tracing::error!(partition = %self.id, error = %e, "cannot write the inbox; ingress paused, retrying");
+        keep.append(&mut self.accepting);
+        self.accepting = keep;
+        self.accept_blocked = true;
+        let due = deadline_after(self.shared.config.retry.backoff(1));
+        self.timers.schedule_accept_retry(due);
+    }
+
+    /// Writes the deferred log deletions now (when the partition is about to wait).
+    fn flush_deferred(&mut self) {
+        if self.deferred.is_empty() {
+            return;
+        }
+        let wb = WriteBatch {
+            log: std::mem::take(&mut self.deferred),
+            ..Default::default()
+        };
+        let log = wb.log.clone();
+        if let Err(e) = self.store.write(wb) {
+            tracing::warn!(partition = %self.id, error = %e, "cannot write log deletions; will retry");
+            self.deferred = log;
         }
     }
 
     pub(crate) async fn run(mut self, stop: CancellationToken) -> PartitionStats {
         let max_buffered = self.shared.config.max_buffered_per_partition;
         let mut ingress_open = true;
+        self.resume();
         loop {
             // Take everything that is ready without waiting.
             let mut progressed = false;
@@ -307,18 +537,19 @@ impl Partition {
                 }
             }
             for _ in 0..BUDGET {
-                if !ingress_open || self.buffered >= max_buffered {
+                if !ingress_open || self.accept_blocked || self.buffered + self.accepting.len() >= max_buffered {
                     break;
                 }
                 match self.ingress_rx.try_recv() {
                     Ok(env) => {
-                        self.enqueue(env);
+                        self.accept(env);
                         progressed = true;
                     }
                     Err(mpsc::error::TryRecvError::Empty) => break,
                     Err(mpsc::error::TryRecvError::Disconnected) => ingress_open = false,
                 }
             }
+            self.flush_accepting();
             // Bounded like the channels: functions that message each other (or
             // themselves) must not keep this loop from yielding and seeing `stop`.
             for _ in 0..BUDGET {
@@ -342,15 +573,16 @@ impl Partition {
                 continue;
             }
             // Nothing ready: wait for the first thing that is.
+            self.flush_deferred();
             let deadline = self.timers.next_deadline();
-            let take_ingress = ingress_open && self.buffered < max_buffered;
+            let take_ingress = ingress_open && !self.accept_blocked && self.buffered < max_buffered;
             tokio::select! {
                 biased;
                 _ = stop.cancelled() => break,
                 Some(c) = self.in_flight.next(), if !self.in_flight.is_empty() => self.on_complete(c),
                 Some(m) = self.inbound_rx.recv() => self.on_inbound(m),
                 env = self.ingress_rx.recv(), if take_ingress => match env {
-                    Some(env) => self.enqueue(env),
+                    Some(env) => self.accept(env),
                     None => ingress_open = false,
                 },
                 // Sleep at most an hour at a time: far-future deadlines (a delay of
@@ -359,7 +591,8 @@ impl Partition {
                     if deadline.is_some() => self.fire_timers(),
             }
         }
-        if self.timers.pending_delayed() > 0 {
+        self.flush_deferred();
+        if self.timers.pending_delayed() > 0 && !self.durable {
             tracing::info!(
                 partition = %self.id,
                 pending = self.timers.pending_delayed(),
@@ -413,6 +646,13 @@ impl Partition {
     }
 
     fn dead_letter(&mut self, env: Envelope, reason: DeadLetterReason) {
+        if let Some(key) = env.inbox {
+            self.deferred.push(LogOp {
+                partition: self.id,
+                key,
+                value: None,
+            });
+        }
         self.stats.dead_letters += 1;
         self.shared.dead_letter(DeadLetter {
             reason,
@@ -496,6 +736,13 @@ impl Partition {
     }
 
     /// The one place effects are applied.
+    ///
+    /// Everything the batch produced is written in one atomic batch first: state
+    /// changes and, in durable mode, the deletion of the processed messages from the
+    /// inbox, the outgoing messages into their receivers' inboxes, timers and
+    /// cancellations, and egress records into the egress log. Only when that write
+    /// succeeded are the messages routed, timers scheduled and egress records handed to
+    /// their sinks. If it fails, nothing is applied and the batch is retried.
     fn on_success(
         &mut self,
         address: Address,
@@ -504,18 +751,22 @@ impl Partition {
         touched: Vec<(Arc<str>, Bytes)>,
     ) {
         let n = batch.len();
-        // 1. State, atomically. If it cannot be written, nothing else is applied.
-        if !effects.state.is_empty() || !touched.is_empty() {
+        let Effects {
+            state: mutations,
+            outgoing,
+            delayed,
+            egress,
+        } = effects;
+        let mut wb = WriteBatch::default();
+        // 1. State.
+        if !mutations.is_empty() || !touched.is_empty() {
             let f = &self.functions[address.type_name()];
             let now = if f.has_expiry { self.shared.clock.now_ms() } else { 0 };
             let states = &f.states;
             let spec = |name: &str| states.iter().find(|s| &*s.name == name);
-            let mut wb = WriteBatch {
-                ops: Vec::with_capacity(effects.state.len() + touched.len()),
-                progress: Vec::new(),
-            };
+            wb.ops.reserve(mutations.len() + touched.len());
             for (name, value) in touched {
-                if !effects.state.iter().any(|m| m.name == name) {
+                if !mutations.iter().any(|m| m.name == name) {
                     let expires_at_ms = expiry(spec(&name), now);
                     wb.ops.push(WriteOp {
                         address: address.clone(),
@@ -524,7 +775,7 @@ impl Partition {
                     });
                 }
             }
-            for m in effects.state {
+            for m in mutations {
                 let expires_at_ms = expiry(spec(&m.name), now);
                 wb.ops.push(WriteOp {
                     address: address.clone(),
@@ -532,25 +783,43 @@ impl Partition {
                     value: m.value.map(|value| StoredValue { value, expires_at_ms }),
                 });
             }
-            if let Err(e) = self.store.write(wb) {
-                let failure = Failure {
-                    index: 0,
-                    error: format!("cannot write state: {e}"),
-                };
-                return self.on_failure(address, batch, failure);
-            }
         }
-        // 2. Messages to functions.
-        self.shared.begin(effects.outgoing.len());
-        for o in effects.outgoing {
-            self.route(Envelope {
+        let mut out: Vec<Envelope> = outgoing
+            .into_iter()
+            .map(|o| Envelope {
                 target: o.target,
                 caller: Some(address.clone()),
                 message: o.message,
-            });
+                inbox: None,
+                position: None,
+            })
+            .collect();
+        let mut timer_keys: Vec<Option<LogKey>> = Vec::new();
+        let mut egress_keys: Vec<Option<LogKey>> = Vec::new();
+        let mut deferred = Vec::new();
+        if self.durable {
+            deferred = self.log_effects(&address, &batch, &mut out, &delayed, &egress, &mut wb);
+            timer_keys = std::mem::take(&mut self.scratch_timer_keys);
+            egress_keys = std::mem::take(&mut self.scratch_egress_keys);
+        }
+        if !wb.is_empty()
+            && let Err(e) = self.store.write(wb)
+        {
+            self.deferred.extend(deferred);
+            let failure = Failure {
+                index: 0,
+                error: format!("cannot write state: {e}"),
+            };
+            return self.on_failure(address, batch, failure);
+        }
+        // 2. Messages to functions.
+        self.shared.begin(out.len());
+        for env in out {
+            self.route(env);
         }
         // 3. Delayed messages and cancellations, in order.
-        for d in effects.delayed {
+        let mut timer_keys = timer_keys.into_iter();
+        for d in delayed {
             match d {
                 DelayedEffect::Send {
                     delay,
@@ -562,9 +831,12 @@ impl Partition {
                         target,
                         caller: Some(address.clone()),
                         message,
+                        inbox: None,
+                        position: None,
                     };
+                    let key = timer_keys.next().flatten();
                     self.timers
-                        .schedule_delayed(deadline_after(delay), address.clone(), token, env);
+                        .schedule_delayed(deadline_after(delay), address.clone(), token, env, key);
                 }
                 DelayedEffect::Cancel { token } => {
                     self.timers.cancel(&address, &token);
@@ -572,8 +844,16 @@ impl Partition {
             }
         }
         // 4. Egress.
-        for e in effects.egress {
-            self.emit_egress(&address, e);
+        let mut egress_keys = egress_keys.into_iter();
+        for e in egress {
+            let key = egress_keys.next().flatten();
+            let record = EgressRecord {
+                egress: e.egress,
+                source: address.clone(),
+                message: e.message,
+                id: None,
+            };
+            self.hand_over(key, record);
         }
         self.stats.invocations += n as u64;
         self.invocations_counter.increment(n as u64);
@@ -582,21 +862,154 @@ impl Partition {
         self.next(address);
     }
 
-    fn emit_egress(&mut self, source: &Address, e: EgressMessage) {
-        let reason = match self.shared.egresses.get(&e.egress) {
-            None => DeadLetterReason::UnknownEgress(e.egress.clone()),
-            Some(sink) => {
-                let record = EgressRecord {
-                    egress: e.egress.clone(),
-                    source: source.clone(),
-                    message: e.message.clone(),
+    /// Durable mode: adds to `wb` the log entries of a completed batch (inbox deletes of
+    /// the processed messages, inbox puts of the outgoing ones, timers, egress records
+    /// and the deferred deletions). Leaves the keys of the timers (one per delayed send,
+    /// in order) and of the egress records (one per record, `None` for an unknown
+    /// egress) in the scratch vectors. Returns the deferred deletions it took, to put
+    /// back if the write fails.
+    fn log_effects(
+        &mut self,
+        address: &Address,
+        batch: &[Envelope],
+        out: &mut [Envelope],
+        delayed: &[DelayedEffect],
+        egress: &[EgressMessage],
+        wb: &mut WriteBatch,
+    ) -> Vec<LogOp> {
+        for env in batch {
+            if let Some(key) = env.inbox {
+                wb.log.push(LogOp {
+                    partition: self.id,
+                    key,
+                    value: None,
+                });
+            }
+        }
+        for env in out.iter_mut() {
+            let receiver = self.shared.partition_of(&env.target);
+            let key = LogKey::Inbox {
+                sender: self.id,
+                seq: self.next_seq(),
+            };
+            wb.log.push(LogOp {
+                partition: receiver,
+                key,
+                value: Some(entries::encode_envelope(env)),
+            });
+            env.inbox = Some(key);
+        }
+        if !delayed.is_empty() {
+            let now_ms = self.shared.clock.now_ms();
+            // Tokens scheduled or cancelled earlier in this same batch.
+            let mut overlay: Vec<(&str, Option<LogKey>)> = Vec::new();
+            let mut keys = Vec::with_capacity(delayed.len());
+            for d in delayed {
+                let token = match d {
+                    DelayedEffect::Send { token, .. } => token.as_deref(),
+                    DelayedEffect::Cancel { token } => Some(token.as_str()),
                 };
+                if let Some(t) = token {
+                    let old = match overlay.iter().rev().find(|(o, _)| *o == t) {
+                        Some((_, k)) => *k,
+                        None => self.timers.durable_key(address, t),
+                    };
+                    if let Some(k) = old {
+                        wb.log.push(LogOp {
+                            partition: self.id,
+                            key: k,
+                            value: None,
+                        });
+                    }
+                }
+                match d {
+                    DelayedEffect::Send {
+                        delay,
+                        target,
+                        message,
+                        token,
+                    } => {
+                        let delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+                        let key = LogKey::Timer {
+                            due_ms: now_ms.saturating_add(delay_ms),
+                            seq: self.next_seq(),
+                        };
+                        let env = Envelope {
+                            target: target.clone(),
+                            caller: Some(address.clone()),
+                            message: message.clone(),
+                            inbox: None,
+                            position: None,
+                        };
+                        wb.log.push(LogOp {
+                            partition: self.id,
+                            key,
+                            value: Some(entries::encode_timer(address, token.as_deref(), &env)),
+                        });
+                        keys.push(Some(key));
+                        if let Some(t) = token {
+                            overlay.push((t.as_str(), Some(key)));
+                        }
+                    }
+                    DelayedEffect::Cancel { token } => overlay.push((token.as_str(), None)),
+                }
+            }
+            self.scratch_timer_keys = keys;
+        }
+        if !egress.is_empty() {
+            let mut keys = Vec::with_capacity(egress.len());
+            for e in egress {
+                if self.shared.egresses.contains_key(&e.egress) {
+                    let key = LogKey::Egress { seq: self.next_seq() };
+                    wb.log.push(LogOp {
+                        partition: self.id,
+                        key,
+                        value: Some(entries::encode_egress(&e.egress, address, &e.message)),
+                    });
+                    keys.push(Some(key));
+                } else {
+                    keys.push(None);
+                }
+            }
+            self.scratch_egress_keys = keys;
+        }
+        let deferred = std::mem::take(&mut self.deferred);
+        wb.log.extend(deferred.iter().cloned());
+        deferred
+    }
+
+    /// Hands an egress record to its sink. In durable mode `key` is its entry in the
+    /// egress log, deleted once the sink took it (or once it is dead-lettered).
+    fn hand_over(&mut self, key: Option<LogKey>, mut record: EgressRecord) {
+        if let Some(key @ LogKey::Egress { seq }) = key {
+            record.id = Some(EgressId {
+                partition: self.id,
+                seq,
+            });
+            self.deferred.push(LogOp {
+                partition: self.id,
+                key,
+                value: None,
+            });
+        }
+        let reason = match self.shared.egresses.get(&record.egress) {
+            None => DeadLetterReason::UnknownEgress(record.egress.clone()),
+            Some(sink) => {
+                let (egress, source, message) = (record.egress.clone(), record.source.clone(), record.message.clone());
                 match sink.send(record) {
                     Ok(()) => return,
-                    Err(err) => DeadLetterReason::EgressFailed {
-                        egress: e.egress.clone(),
-                        error: err.to_string(),
-                    },
+                    Err(err) => {
+                        record = EgressRecord {
+                            egress: egress.clone(),
+                            source,
+                            message,
+                            id: None,
+                        };
+                        DeadLetterReason::EgressFailed {
+                            egress,
+                            error: err.to_string(),
+                        }
+                    }
                 }
             }
         };
@@ -604,8 +1017,8 @@ impl Partition {
         self.shared.dead_letter(DeadLetter {
             reason,
             target: None,
-            caller: Some(source.clone()),
-            message: Some(e.message),
+            caller: Some(record.source),
+            message: Some(record.message),
             record: None,
         });
     }
@@ -705,11 +1118,35 @@ impl Partition {
 
     fn fire_timers(&mut self) {
         let now = Instant::now();
+        let mut fired = Vec::new();
+        let mut wb = WriteBatch::default();
         while let Some(t) = self.timers.pop_due(now) {
             match t {
-                Timer::Delayed { envelope, .. } => {
-                    self.shared.begin(1);
-                    self.route(envelope);
+                Timer::Delayed {
+                    sender,
+                    token,
+                    mut envelope,
+                    durable,
+                } => {
+                    if let Some(key) = durable {
+                        // Move it from the timer log into the receiver's inbox, atomically.
+                        wb.log.push(LogOp {
+                            partition: self.id,
+                            key,
+                            value: None,
+                        });
+                        let inbox = LogKey::Inbox {
+                            sender: self.id,
+                            seq: self.next_seq(),
+                        };
+                        wb.log.push(LogOp {
+                            partition: self.shared.partition_of(&envelope.target),
+                            key: inbox,
+                            value: Some(entries::encode_envelope(&envelope)),
+                        });
+                        envelope.inbox = Some(inbox);
+                    }
+                    fired.push((sender, token, envelope, durable));
                 }
                 Timer::Retry { address } => {
                     let Some(mb) = self.mailboxes.get_mut(&address) else {
@@ -720,7 +1157,26 @@ impl Partition {
                     };
                     self.start(address, vec![head]);
                 }
+                Timer::AcceptRetry => {
+                    self.accept_blocked = false;
+                    self.flush_accepting();
+                }
             }
+        }
+        if !wb.is_empty()
+            && let Err(e) = self.store.write(wb)
+        {
+            tracing::error!(partition = %self.id, error = %e, "cannot fire delayed messages; retrying");
+            let due = deadline_after(self.shared.config.retry.backoff(1));
+            for (sender, token, mut envelope, durable) in fired {
+                envelope.inbox = None;
+                self.timers.schedule_delayed(due, sender, token, *envelope, durable);
+            }
+            return;
+        }
+        self.shared.begin(fired.len());
+        for (_, _, envelope, _) in fired {
+            self.route(*envelope);
         }
     }
 }

@@ -39,6 +39,12 @@ pub(crate) struct Envelope {
     pub(crate) target: Address,
     pub(crate) caller: Option<Address>,
     pub(crate) message: TypedValue,
+    /// Its key in the receiving partition's durable inbox, once it is there (durable
+    /// backends only). The commit that processes the message deletes it.
+    pub(crate) inbox: Option<crate::state::LogKey>,
+    /// Source and offset of an ingress record (`"topic/partition"`, offset): the
+    /// partition skips records at or below the progress it has stored for the source.
+    pub(crate) position: Option<(Arc<str>, u64)>,
 }
 
 pub(crate) struct PartitionSender {
@@ -83,11 +89,11 @@ pub(crate) struct Shared {
     pub(crate) clock: Clock,
     /// Set when shutdown begins; new outside messages are refused from then on.
     stopping: AtomicBool,
-    backend: Arc<dyn StateBackend>,
+    pub(crate) backend: Arc<dyn StateBackend>,
 }
 
 pub(crate) enum SubmitError {
-    UnknownFunctionType(Envelope),
+    UnknownFunctionType(Box<Envelope>),
     ShuttingDown,
 }
 
@@ -123,7 +129,7 @@ impl Shared {
     /// Accepts a message from outside (ingress or handle), waiting for room.
     pub(crate) async fn submit(&self, env: Envelope) -> Result<(), SubmitError> {
         if self.module.get(env.target.type_name()).is_none() {
-            return Err(SubmitError::UnknownFunctionType(env));
+            return Err(SubmitError::UnknownFunctionType(Box::new(env)));
         }
         // Count first, then check: with both SeqCst, either shutdown sees this message
         // in `outstanding` and drains it, or this sees `stopping` and refuses it.
@@ -344,10 +350,14 @@ impl RuntimeBuilder {
             stopping: AtomicBool::new(false),
             backend: Arc::clone(&self.backend),
         });
-        let partitions = receivers
-            .into_iter()
-            .map(|(id, store, irx, brx)| Partition::new(id, Arc::clone(&shared), store, irx, brx))
-            .collect();
+        let mut partitions = Vec::with_capacity(n as usize);
+        for (id, store, irx, brx) in receivers {
+            let mut p = Partition::new(id, Arc::clone(&shared), store, irx, brx);
+            // Messages left in a durable inbox are outstanding work from the start.
+            let recovered = p.recover().map_err(|source| Error::State { partition: id, source })?;
+            shared.begin(recovered);
+            partitions.push(p);
+        }
         let ingresses = self
             .ingresses
             .into_iter()
@@ -408,13 +418,14 @@ impl Runtime {
             let stop = stop_ingress.clone();
             ingresses.spawn(async move { (name, ingress.run(sink, stop).await) });
         }
+        let mut checkpointer = None;
         if self.shared.config.checkpoint_interval_ms > 0 {
             let handle = RuntimeHandle {
                 shared: Arc::clone(&self.shared),
             };
             let stop = stop_partitions.clone();
             let every = Duration::from_millis(self.shared.config.checkpoint_interval_ms);
-            tokio::spawn(async move {
+            checkpointer = Some(tokio::spawn(async move {
                 let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
@@ -427,7 +438,7 @@ impl Runtime {
                         },
                     }
                 }
-            });
+            }));
         }
         tracing::info!(
             partitions = self.shared.config.partitions,
@@ -493,6 +504,11 @@ impl Runtime {
             );
         }
         stop_partitions.cancel();
+        // The checkpointer holds the backend: when `run` returns, only the caller's
+        // handles keep the state open.
+        if let Some(c) = checkpointer {
+            let _ = c.await;
+        }
         let mut stats = Vec::new();
         while let Some(res) = partitions.join_next().await {
             match res {
@@ -535,6 +551,8 @@ impl RuntimeHandle {
             target,
             caller: None,
             message,
+            inbox: None,
+            position: None,
         };
         self.shared.submit(env).await.map_err(|e| match e {
             SubmitError::UnknownFunctionType(env) => SendError::UnknownFunctionType(env.target.type_name().clone()),

@@ -12,6 +12,7 @@ use statefun_sdk::Address;
 use tokio::time::Instant;
 
 use crate::runtime::Envelope;
+use crate::state::LogKey;
 
 type Key = (Instant, u64);
 
@@ -20,11 +21,15 @@ pub(crate) enum Timer {
     Delayed {
         sender: Address,
         token: Option<String>,
-        envelope: Envelope,
+        envelope: Box<Envelope>,
+        /// Its key in the partition's durable timer log (durable backends only).
+        durable: Option<LogKey>,
     },
     Retry {
         address: Address,
     },
+    /// Retry writing the ingress messages the inbox write refused.
+    AcceptRetry,
 }
 
 #[derive(Debug, Default)]
@@ -47,6 +52,7 @@ impl Timers {
         sender: Address,
         token: Option<String>,
         envelope: Envelope,
+        durable: Option<LogKey>,
     ) {
         let key = self.key(due);
         if let Some(t) = &token
@@ -60,10 +66,20 @@ impl Timers {
             Timer::Delayed {
                 sender,
                 token,
-                envelope,
+                envelope: Box::new(envelope),
+                durable,
             },
         );
         self.delayed += 1;
+    }
+
+    /// The durable key of the message `sender` has pending under `token`, if any.
+    pub(crate) fn durable_key(&self, sender: &Address, token: &str) -> Option<LogKey> {
+        let key = self.tokens.get(&(sender.clone(), token.to_owned()))?;
+        match self.queue.get(key)? {
+            Timer::Delayed { durable, .. } => *durable,
+            Timer::Retry { .. } | Timer::AcceptRetry => None,
+        }
     }
 
     /// Cancels the pending message `sender` sent with `token`; false if there is none.
@@ -83,6 +99,11 @@ impl Timers {
     pub(crate) fn schedule_retry(&mut self, due: Instant, address: Address) {
         let key = self.key(due);
         self.queue.insert(key, Timer::Retry { address });
+    }
+
+    pub(crate) fn schedule_accept_retry(&mut self, due: Instant) {
+        let key = self.key(due);
+        self.queue.insert(key, Timer::AcceptRetry);
     }
 
     pub(crate) fn next_deadline(&self) -> Option<Instant> {
@@ -126,13 +147,15 @@ mod tests {
             target: addr("x"),
             caller: None,
             message: TypedValue::of(&n).unwrap(),
+            inbox: None,
+            position: None,
         }
     }
 
     fn fired(t: Timer) -> i64 {
         match t {
             Timer::Delayed { envelope, .. } => envelope.message.decode().unwrap(),
-            Timer::Retry { .. } => -1,
+            Timer::Retry { .. } | Timer::AcceptRetry => -1,
         }
     }
 
@@ -140,8 +163,8 @@ mod tests {
     fn timers_fire_in_deadline_order_and_only_when_due() {
         let now = Instant::now();
         let mut t = Timers::default();
-        t.schedule_delayed(now + Duration::from_secs(2), addr("a"), None, env(2));
-        t.schedule_delayed(now + Duration::from_secs(1), addr("a"), None, env(1));
+        t.schedule_delayed(now + Duration::from_secs(2), addr("a"), None, env(2), None);
+        t.schedule_delayed(now + Duration::from_secs(1), addr("a"), None, env(1), None);
         assert!(t.pop_due(now).is_none());
         assert_eq!(fired(t.pop_due(now + Duration::from_secs(5)).unwrap()), 1);
         assert_eq!(fired(t.pop_due(now + Duration::from_secs(5)).unwrap()), 2);
@@ -152,9 +175,12 @@ mod tests {
     fn tokens_are_scoped_to_the_sender_and_replace_pending_messages() {
         let now = Instant::now();
         let mut t = Timers::default();
-        t.schedule_delayed(now, addr("a"), Some("tok".into()), env(1));
-        t.schedule_delayed(now, addr("b"), Some("tok".into()), env(2));
-        t.schedule_delayed(now, addr("a"), Some("tok".into()), env(3));
+        t.schedule_delayed(now, addr("a"), Some("tok".into()), env(1), None);
+        t.schedule_delayed(now, addr("b"), Some("tok".into()), env(2), None);
+        let k = LogKey::Timer { due_ms: 5, seq: 9 };
+        t.schedule_delayed(now, addr("a"), Some("tok".into()), env(3), Some(k));
+        assert_eq!(t.durable_key(&addr("a"), "tok"), Some(k));
+        assert_eq!(t.durable_key(&addr("b"), "tok"), None, "no durable key given");
         assert_eq!(t.pending_delayed(), 2);
         assert!(t.cancel(&addr("b"), "tok"));
         assert!(!t.cancel(&addr("b"), "tok"), "already cancelled");

@@ -41,6 +41,7 @@ fn fill(b: &RocksDbBackend, p: u32, n: usize, tag: &str, position: u64) {
     s.write(WriteBatch {
         ops,
         progress: vec![("gen".into(), position)],
+        ..Default::default()
     })
     .unwrap();
 }

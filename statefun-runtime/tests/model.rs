@@ -3,7 +3,10 @@
 //! sizes, functions that yield at random points) go through the runtime and are checked
 //! against a plain `HashMap` model. Proves: every message is processed exactly once,
 //! messages between one sender and one receiver arrive in FIFO order, and the final
-//! state equals the model's.
+//! state equals the model's. Run on the in-memory backend and, in durable mode, on
+//! RocksDB (inbox, timers and egress logs written with every commit); there it also
+//! proves that a clean run leaves nothing in the durable inboxes: a restart on the same
+//! database recovers no message.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -85,7 +88,13 @@ fn step() -> impl Strategy<Value = Step> {
         })
 }
 
-fn run_case(steps: Vec<Step>, partitions: u32, max_batch: usize, workers: usize) -> Result<(), TestCaseError> {
+fn run_case(
+    steps: Vec<Step>,
+    partitions: u32,
+    max_batch: usize,
+    workers: usize,
+    durable: bool,
+) -> Result<(), TestCaseError> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
         .enable_all()
@@ -98,17 +107,21 @@ fn run_case(steps: Vec<Step>, partitions: u32, max_batch: usize, workers: usize)
             .build()
             .unwrap();
         let dead = CollectingDeadLetters::new();
-        let runtime = Runtime::builder()
-            .config(RuntimeConfig {
-                partitions,
-                max_batch_size: max_batch,
-                ingress_queue_capacity: 4,
-                ..Default::default()
-            })
-            .module(module)
-            .dead_letters(dead.clone())
-            .build()
-            .unwrap();
+        let config = RuntimeConfig {
+            partitions,
+            max_batch_size: max_batch,
+            ingress_queue_capacity: 4,
+            ..Default::default()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let mut builder = Runtime::builder()
+            .config(config.clone())
+            .module(module.clone())
+            .dead_letters(dead.clone());
+        if durable {
+            builder = builder.state_backend(durable_backend(dir.path()));
+        }
+        let runtime = builder.build().unwrap();
         let handle = runtime.handle();
         let stop = tokio_util::sync::CancellationToken::new();
         let running = tokio::spawn(runtime.run(stop.clone().cancelled_owned()));
@@ -168,8 +181,28 @@ fn run_case(steps: Vec<Step>, partitions: u32, max_batch: usize, workers: usize)
         prop_assert!(report.drained);
         let forwards = steps.iter().filter(|s| s.forward.is_some()).count();
         prop_assert_eq!(report.invocations() as usize, steps.len() + forwards);
+        if durable {
+            drop(handle); // the last owner of the first database
+            let again = Runtime::builder()
+                .config(config)
+                .module(module)
+                .state_backend(durable_backend(dir.path()))
+                .build()
+                .unwrap();
+            prop_assert_eq!(again.handle().outstanding(), 0, "a clean run leaves its inboxes empty");
+        }
         Ok(())
     })
+}
+
+#[cfg(feature = "rocksdb")]
+fn durable_backend(path: &std::path::Path) -> statefun_runtime::state::RocksDbBackend {
+    statefun_runtime::state::RocksDbBackend::open(path, Default::default()).unwrap()
+}
+
+#[cfg(not(feature = "rocksdb"))]
+fn durable_backend(_: &std::path::Path) -> statefun_runtime::state::MemoryBackend {
+    unreachable!("durable cases run with the rocksdb feature only")
 }
 
 proptest! {
@@ -182,6 +215,21 @@ proptest! {
         max_batch in 1usize..5,
         workers in 1usize..3,
     ) {
-        run_case(steps, partitions, max_batch, workers)?;
+        run_case(steps, partitions, max_batch, workers, false)?;
+    }
+}
+
+#[cfg(feature = "rocksdb")]
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+
+    #[test]
+    fn durable_runtime_matches_hashmap_model(
+        steps in proptest::collection::vec(step(), 1..120),
+        partitions in 1u32..6,
+        max_batch in 1usize..5,
+        workers in 1usize..3,
+    ) {
+        run_case(steps, partitions, max_batch, workers, true)?;
     }
 }

@@ -4,7 +4,9 @@
 //! expiry metadata round-trips; ids that are prefixes of each other, equal ids of
 //! different types, and different partitions never collide; progress markers are
 //! stored with the batch; a random sequence of batches leaves the store equal to a
-//! `HashMap` model. For durable backends also: everything survives a reopen.
+//! `HashMap` model; durable logs (inbox, timers, egress) read back per partition and
+//! kind in key order. For durable backends also: everything survives a reopen, and
+//! each opening has a new incarnation.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -12,7 +14,9 @@ use std::sync::Arc;
 use bytes::Bytes;
 use proptest::prelude::*;
 use statefun_runtime::PartitionId;
-use statefun_runtime::state::{MemoryBackend, PartitionStore, StateBackend, StoredValue, WriteBatch, WriteOp};
+use statefun_runtime::state::{
+    LogKey, LogKind, LogOp, MemoryBackend, PartitionStore, StateBackend, StoredValue, WriteBatch, WriteOp,
+};
 use statefun_sdk::{Address, TypeName};
 
 /// A backend under test: how to make one, and how to reopen it (durable backends).
@@ -83,7 +87,10 @@ fn del(a: &Address, name: &str) -> WriteOp {
 }
 
 fn batch(ops: Vec<WriteOp>) -> WriteBatch {
-    WriteBatch { ops, progress: vec![] }
+    WriteBatch {
+        ops,
+        ..Default::default()
+    }
 }
 
 fn value(s: &dyn PartitionStore, a: &Address, name: &str) -> Option<Vec<u8>> {
@@ -148,11 +155,12 @@ fn progress_is_stored_with_the_batch(subject: &mut dyn Subject) {
     s.write(WriteBatch {
         ops: vec![put(&a, "x", b"1", None)],
         progress: vec![("src".into(), 41), ("other".into(), 7)],
+        ..Default::default()
     })
     .unwrap();
     s.write(WriteBatch {
-        ops: vec![],
         progress: vec![("src".into(), 42)],
+        ..Default::default()
     })
     .unwrap();
     assert_eq!(s.progress("src").unwrap(), Some(42));
@@ -172,16 +180,99 @@ fn survives_reopen(subject: &mut dyn Subject) {
                 del(&a, "gone"),
             ],
             progress: vec![("src".into(), 9)],
+            log: vec![log_put(2, LogKey::Timer { due_ms: 7, seq: 1 }, b"timer")],
         })
         .unwrap();
     }
+    let before = b.incarnation();
     drop(b);
     let Some(b) = subject.reopen() else { return };
+    assert!(b.durable(), "a backend that reopens its data is durable");
+    assert!(b.incarnation() > before, "every opening has a new incarnation");
     let s = b.open_partition(PartitionId(2)).unwrap();
+    assert_eq!(
+        s.log(LogKind::Timers).unwrap(),
+        vec![(LogKey::Timer { due_ms: 7, seq: 1 }, Bytes::from_static(b"timer"))]
+    );
     let v = s.get(&a, "x").unwrap().unwrap();
     assert_eq!((v.value.as_ref(), v.expires_at_ms), (&b"kept"[..], Some(5)));
     assert_eq!(value(&*s, &a, "gone"), None);
     assert_eq!(s.progress("src").unwrap(), Some(9));
+}
+
+fn log_put(p: u32, key: LogKey, v: &'static [u8]) -> LogOp {
+    LogOp {
+        partition: PartitionId(p),
+        key,
+        value: Some(Bytes::from_static(v)),
+    }
+}
+
+fn log_del(p: u32, key: LogKey) -> LogOp {
+    LogOp {
+        partition: PartitionId(p),
+        key,
+        value: None,
+    }
+}
+
+/// Logs: a partition may put into another partition's inbox; each log reads back in
+/// key order, separated by kind and partition; deletes remove exactly their entry;
+/// state, progress and log changes of one batch are applied together.
+fn logs_are_per_partition_and_kind_in_key_order(subject: &mut dyn Subject) {
+    let b = subject.backend();
+    let mut p0 = b.open_partition(PartitionId(0)).unwrap();
+    let p1 = b.open_partition(PartitionId(1)).unwrap();
+    let inbox = |sender, seq| LogKey::Inbox {
+        sender: PartitionId(sender),
+        seq,
+    };
+    let a = addr("t/f", "a");
+    p0.write(WriteBatch {
+        ops: vec![put(&a, "x", b"1", None)],
+        progress: vec![("src".into(), 3)],
+        log: vec![
+            log_put(1, inbox(0, 300), b"to p1, later"),
+            log_put(1, inbox(0, 2), b"to p1, earlier"),
+            log_put(0, inbox(0, 1), b"to self"),
+            log_put(0, LogKey::Timer { due_ms: 50, seq: 4 }, b"t50"),
+            log_put(0, LogKey::Timer { due_ms: 10, seq: 5 }, b"t10"),
+            log_put(0, LogKey::Egress { seq: 6 }, b"e6"),
+        ],
+    })
+    .unwrap();
+    let keys = |s: &dyn PartitionStore, k| s.log(k).unwrap().into_iter().map(|(k, _)| k).collect::<Vec<_>>();
+    assert_eq!(
+        keys(&*p1, LogKind::Inbox),
+        vec![inbox(0, 2), inbox(0, 300)],
+        "sequence order"
+    );
+    assert_eq!(keys(&*p0, LogKind::Inbox), vec![inbox(0, 1)]);
+    assert_eq!(
+        keys(&*p0, LogKind::Timers),
+        vec![
+            LogKey::Timer { due_ms: 10, seq: 5 },
+            LogKey::Timer { due_ms: 50, seq: 4 }
+        ],
+        "due order"
+    );
+    assert_eq!(
+        p0.log(LogKind::Egress).unwrap(),
+        vec![(LogKey::Egress { seq: 6 }, Bytes::from_static(b"e6"))]
+    );
+    assert!(keys(&*p1, LogKind::Timers).is_empty() && keys(&*p1, LogKind::Egress).is_empty());
+    assert_eq!(value(&*p0, &a, "x"), Some(b"1".to_vec()));
+    assert_eq!(p0.progress("src").unwrap(), Some(3));
+    p0.write(WriteBatch {
+        log: vec![
+            log_del(1, inbox(0, 2)),
+            log_del(0, LogKey::Timer { due_ms: 10, seq: 5 }),
+        ],
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(keys(&*p1, LogKind::Inbox), vec![inbox(0, 300)]);
+    assert_eq!(keys(&*p0, LogKind::Timers), vec![LogKey::Timer { due_ms: 50, seq: 4 }]);
 }
 
 type Op = (u8, u8, u8, Option<u8>); // (address, name, value, None = delete)
@@ -240,6 +331,10 @@ macro_rules! conformance {
             #[test]
             fn progress_is_stored_with_the_batch() {
                 super::progress_is_stored_with_the_batch(&mut $make);
+            }
+            #[test]
+            fn logs_are_per_partition_and_kind_in_key_order() {
+                super::logs_are_per_partition_and_kind_in_key_order(&mut $make);
             }
             #[test]
             fn survives_reopen_if_durable() {

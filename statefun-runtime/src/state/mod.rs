@@ -12,16 +12,19 @@
 //! successful `write` left. Expiry is decided by the caller (the partition knows the
 //! clock); a backend stores and returns `expires_at_ms` as given.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use statefun_sdk::Address;
 
 use crate::partitioner::PartitionId;
 
+pub use self::keys::LogKey;
+
 #[cfg(feature = "rocksdb")]
 pub mod checkpoint;
+pub(crate) mod entries;
 pub mod keys;
 #[cfg(feature = "rocksdb")]
 pub mod rocksdb;
@@ -60,8 +63,22 @@ pub struct WriteOp {
     pub value: Option<StoredValue>,
 }
 
-/// State changes and progress markers, applied atomically: after a crash either all of
-/// them are visible or none is.
+/// Put (`Some`) or delete (`None`) a durable log entry: a message in an inbox, a pending
+/// timer, an egress record. `partition` may be another partition than the writer's:
+/// a message to another partition is put into the receiver's inbox in the sender's
+/// commit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogOp {
+    /// The partition whose log holds the entry.
+    pub partition: PartitionId,
+    /// The entry.
+    pub key: LogKey,
+    /// The encoded entry, or `None` to delete it.
+    pub value: Option<Bytes>,
+}
+
+/// State changes, progress markers and log entries, applied atomically: after a crash
+/// either all of them are visible or none is.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct WriteBatch {
     /// The operations, applied in order.
@@ -69,12 +86,36 @@ pub struct WriteBatch {
     /// Progress markers: `(source, position consumed up to)`, stored with the state they
     /// produced so recovery restarts from exactly there.
     pub progress: Vec<(String, u64)>,
+    /// Log entries put or deleted, applied in order.
+    pub log: Vec<LogOp>,
 }
 
 impl WriteBatch {
     /// True when there is nothing to write.
     pub fn is_empty(&self) -> bool {
-        self.ops.is_empty() && self.progress.is_empty()
+        self.ops.is_empty() && self.progress.is_empty() && self.log.is_empty()
+    }
+}
+
+/// Which durable log of a partition to read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogKind {
+    /// Messages accepted and not yet processed.
+    Inbox,
+    /// Pending delayed messages.
+    Timers,
+    /// Egress records not yet handed to their sink.
+    Egress,
+}
+
+impl LogKind {
+    fn matches(self, key: &LogKey) -> bool {
+        matches!(
+            (self, key),
+            (LogKind::Inbox, LogKey::Inbox { .. })
+                | (LogKind::Timers, LogKey::Timer { .. })
+                | (LogKind::Egress, LogKey::Egress { .. })
+        )
     }
 }
 
@@ -86,6 +127,8 @@ pub trait PartitionStore: Send + 'static {
     fn write(&mut self, batch: WriteBatch) -> Result<(), Error>;
     /// The last position stored for `source` in this partition.
     fn progress(&self, source: &str) -> Result<Option<u64>, Error>;
+    /// Every entry of one of this partition's logs, in key order. Read on recovery.
+    fn log(&self, kind: LogKind) -> Result<Vec<(LogKey, Bytes)>, Error>;
 }
 
 /// A checkpoint that was taken.
@@ -109,31 +152,58 @@ pub trait StateBackend: Send + Sync + 'static {
     fn checkpoint(&self) -> Result<Option<CheckpointInfo>, Error> {
         Ok(None)
     }
+
+    /// Whether the state outlives the process. Only then does the runtime write its
+    /// inboxes, timers and egress log through the backend (exactly-once across crashes);
+    /// for a volatile backend that work would buy nothing. Default: false.
+    fn durable(&self) -> bool {
+        false
+    }
+
+    /// A number that grows every time the backend is opened. The runtime builds its log
+    /// sequence numbers on it, so entries written after a restart sort after (and never
+    /// collide with) entries left from before. Default: 0 (volatile backends).
+    fn incarnation(&self) -> u64 {
+        0
+    }
 }
 
+type SharedLogs = Arc<Mutex<HashMap<PartitionId, BTreeMap<LogKey, Bytes>>>>;
+
 /// In-memory state: fast, shipped for tests, benchmarks and the embedded default. State
-/// is lost when the runtime stops.
+/// is lost when the runtime stops. The logs (written to another partition's inbox, so
+/// shared behind a lock) exist for the conformance suite; the runtime does not write
+/// them to a volatile backend.
 #[derive(Debug, Clone, Default)]
-pub struct MemoryBackend;
+pub struct MemoryBackend {
+    logs: SharedLogs,
+}
 
 impl MemoryBackend {
     /// A new in-memory backend.
     pub fn new() -> MemoryBackend {
-        MemoryBackend
+        MemoryBackend::default()
     }
 }
 
 impl StateBackend for MemoryBackend {
-    fn open_partition(&self, _partition: PartitionId) -> Result<Box<dyn PartitionStore>, Error> {
-        Ok(Box::new(MemoryStore::default()))
+    fn open_partition(&self, partition: PartitionId) -> Result<Box<dyn PartitionStore>, Error> {
+        Ok(Box::new(MemoryStore {
+            partition,
+            values: HashMap::default(),
+            progress: HashMap::new(),
+            logs: Arc::clone(&self.logs),
+        }))
     }
 }
 
 /// One partition's in-memory state: address -> (state name -> value).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct MemoryStore {
+    partition: PartitionId,
     values: HashMap<Address, Vec<(Arc<str>, StoredValue)>, ahash::RandomState>,
     progress: HashMap<String, u64>,
+    logs: SharedLogs,
 }
 
 impl PartitionStore for MemoryStore {
@@ -166,11 +236,38 @@ impl PartitionStore for MemoryStore {
             }
         }
         self.progress.extend(batch.progress);
+        if !batch.log.is_empty() {
+            let mut logs = self.logs.lock().expect("log lock");
+            for op in batch.log {
+                let log = logs.entry(op.partition).or_default();
+                match op.value {
+                    Some(v) => {
+                        log.insert(op.key, v);
+                    }
+                    None => {
+                        log.remove(&op.key);
+                    }
+                }
+            }
+        }
         Ok(())
     }
 
     fn progress(&self, source: &str) -> Result<Option<u64>, Error> {
         Ok(self.progress.get(source).copied())
+    }
+
+    fn log(&self, kind: LogKind) -> Result<Vec<(LogKey, Bytes)>, Error> {
+        let logs = self.logs.lock().expect("log lock");
+        Ok(logs
+            .get(&self.partition)
+            .map(|l| {
+                l.iter()
+                    .filter(|(k, _)| kind.matches(k))
+                    .map(|(k, v)| (*k, v.clone()))
+                    .collect()
+            })
+            .unwrap_or_default())
     }
 }
 
@@ -200,7 +297,7 @@ mod tests {
         let a = addr("a");
         s.write(WriteBatch {
             ops: vec![put(&a, "x", b"1"), put(&a, "y", b"2"), put(&a, "x", b"3")],
-            progress: vec![],
+            ..Default::default()
         })
         .unwrap();
         assert_eq!(s.get(&a, "x").unwrap().unwrap().value, Bytes::from_static(b"3"));
@@ -212,7 +309,7 @@ mod tests {
                 name: Arc::from("x"),
                 value: None,
             }],
-            progress: vec![],
+            ..Default::default()
         })
         .unwrap();
         assert_eq!(s.get(&a, "x").unwrap(), None);

@@ -22,12 +22,13 @@ use bytes::Bytes;
 use statefun_sdk::Address;
 
 use super::keys::{self, FORMAT_VERSION};
-use super::{Error, PartitionStore, StateBackend, StoredValue, WriteBatch};
+use super::{Error, LogKey, LogKind, PartitionStore, StateBackend, StoredValue, WriteBatch};
 use crate::partitioner::PartitionId;
 
 const VALUE_FORMAT: u8 = 1;
 const FLAG_EXPIRES: u8 = 0x01;
 const META_FORMAT_KEY: &[u8] = b"\x00format";
+const META_INCARNATION_KEY: &[u8] = b"\x00incarnation";
 
 /// Maps a RocksDB error to ours: whether a retry can help, and where it happened.
 fn map_err(path: &Path, what: &str, e: rocksdb::Error) -> Error {
@@ -147,6 +148,7 @@ pub struct RocksDbBackend {
     db: Arc<rocksdb::DB>,
     path: Arc<PathBuf>,
     options: RocksDbOptions,
+    incarnation: u64,
 }
 
 impl std::fmt::Debug for RocksDbBackend {
@@ -179,10 +181,31 @@ impl RocksDbBackend {
                 )));
             }
         }
+        // Count this opening, durably, before anything is written under it.
+        let incarnation = match db
+            .get(META_INCARNATION_KEY)
+            .map_err(|e| map_err(&path, "read incarnation", e))?
+        {
+            None => 1,
+            Some(v) => {
+                let b: [u8; 8] = v.as_slice().try_into().map_err(|_| {
+                    Error::Permanent(format!(
+                        "corrupt incarnation marker in RocksDB at {}; restore a checkpoint (see docs/operations.md)",
+                        path.display()
+                    ))
+                })?;
+                u64::from_be_bytes(b) + 1
+            }
+        };
+        let mut sync = rocksdb::WriteOptions::default();
+        sync.set_sync(true);
+        db.put_opt(META_INCARNATION_KEY, incarnation.to_be_bytes(), &sync)
+            .map_err(|e| map_err(&path, "write incarnation", e))?;
         Ok(RocksDbBackend {
             db: Arc::new(db),
             path: Arc::new(path),
             options,
+            incarnation,
         })
     }
 
@@ -221,6 +244,14 @@ impl RocksDbBackend {
 }
 
 impl StateBackend for RocksDbBackend {
+    fn durable(&self) -> bool {
+        true
+    }
+
+    fn incarnation(&self) -> u64 {
+        self.incarnation
+    }
+
     fn checkpoint(&self) -> Result<Option<super::CheckpointInfo>, Error> {
         let Some(root) = &self.options.checkpoint_dir else {
             return Ok(None);
@@ -278,6 +309,13 @@ impl PartitionStore for RocksDbStore {
             let key = keys::progress_key(self.partition, source).map_err(|e| Error::Permanent(e.to_string()))?;
             wb.put(key, position.to_be_bytes());
         }
+        for op in &batch.log {
+            let key = keys::log_key(op.partition, op.key);
+            match &op.value {
+                Some(v) => wb.put(&key, v),
+                None => wb.delete(&key),
+            }
+        }
         self.db
             .write_opt(wb, &self.write_options)
             .map_err(|e| map_err(&self.path, "write", e))
@@ -301,6 +339,41 @@ impl PartitionStore for RocksDbStore {
                 Ok(Some(u64::from_be_bytes(b)))
             }
         }
+    }
+
+    fn log(&self, kind: LogKind) -> Result<Vec<(LogKey, Bytes)>, Error> {
+        let k = match kind {
+            LogKind::Inbox => keys::KIND_INBOX,
+            LogKind::Timers => keys::KIND_TIMER,
+            LogKind::Egress => keys::KIND_EGRESS,
+        };
+        let prefix = keys::partition_prefix(k, self.partition);
+        let mut out = Vec::new();
+        for item in self.db.prefix_iterator(&prefix) {
+            let (key, value) = item.map_err(|e| map_err(&self.path, "scan log", e))?;
+            if !key.starts_with(&prefix) {
+                break;
+            }
+            match keys::decode(&key) {
+                Ok(keys::Key::Log { key, .. }) => out.push((key, Bytes::copy_from_slice(&value))),
+                Ok(other) => {
+                    return Err(Error::Permanent(format!(
+                        "unexpected key {other:?} in the log of partition {} in RocksDB at {}",
+                        self.partition,
+                        self.path.display()
+                    )));
+                }
+                Err(e) => {
+                    return Err(Error::Permanent(format!(
+                        "corrupt log key in partition {} in RocksDB at {}: {e}; restore a checkpoint \
+                         (see docs/operations.md)",
+                        self.partition,
+                        self.path.display()
+                    )));
+                }
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -341,13 +414,18 @@ mod tests {
         s.write(WriteBatch {
             ops: vec![op("expired", Some(1)), op("later", Some(future)), op("forever", None)],
             progress: vec![("src".into(), 1)],
+            ..Default::default()
         })
         .unwrap();
         let count = || b.db.iterator(rocksdb::IteratorMode::Start).count();
-        assert_eq!(count(), 5, "3 values, 1 progress marker, 1 format marker");
+        assert_eq!(
+            count(),
+            6,
+            "3 values, 1 progress marker, format and incarnation markers"
+        );
         b.db.flush().unwrap();
         b.db.compact_range::<&[u8], &[u8]>(None, None);
-        assert_eq!(count(), 4, "only the expired value is gone");
+        assert_eq!(count(), 5, "only the expired value is gone");
         assert!(s.get(&a, "expired").unwrap().is_none());
         assert!(s.get(&a, "later").unwrap().is_some());
         assert_eq!(s.progress("src").unwrap(), Some(1));
