@@ -108,6 +108,8 @@ struct LocalFunction {
     has_after_call: bool,
     /// Any declared state expires: only then is the clock read.
     has_expiry: bool,
+    /// Any declared state asks for an expiry notice.
+    has_notify: bool,
 }
 
 struct Mailbox {
@@ -282,6 +284,7 @@ impl Partition {
                     .collect();
                 let has_after_call = states.iter().any(|s| matches!(s.expiration, Expiration::AfterCall(_)));
                 let has_expiry = states.iter().any(|s| s.expiration != Expiration::None);
+                let has_notify = states.iter().any(|s| s.notify_on_expire);
                 (
                     t.clone(),
                     LocalFunction {
@@ -289,6 +292,7 @@ impl Partition {
                         function: Arc::new(Arc::clone(f.function())),
                         has_after_call,
                         has_expiry,
+                        has_notify,
                     },
                 )
             })
@@ -754,9 +758,12 @@ impl Partition {
         let Effects {
             state: mutations,
             outgoing,
-            delayed,
+            mut delayed,
             egress,
         } = effects;
+        if self.functions[address.type_name()].has_notify {
+            self.expiry_notices(&address, &mutations, &touched, &mut delayed);
+        }
         let mut wb = WriteBatch::default();
         // 1. State.
         if !mutations.is_empty() || !touched.is_empty() {
@@ -860,6 +867,52 @@ impl Partition {
         self.buffered -= n;
         self.shared.finish(n);
         self.next(address);
+    }
+
+    /// Expiry notices (see `statefun_sdk::expiry`): a delayed message to self per
+    /// written or refreshed value whose spec asks for one, due when the value expires,
+    /// under the value's reserved token (so it replaces the previous notice); a delete
+    /// cancels it. Appended after the function's own delayed effects.
+    fn expiry_notices(
+        &self,
+        address: &Address,
+        mutations: &[statefun_sdk::StateMutation],
+        touched: &[(Arc<str>, Bytes)],
+        delayed: &mut Vec<DelayedEffect>,
+    ) {
+        let states = &self.functions[address.type_name()].states;
+        for spec in states.iter().filter(|s| s.notify_on_expire) {
+            let ttl = match spec.expiration {
+                Expiration::AfterWrite(d) | Expiration::AfterCall(d) => d,
+                Expiration::None => continue,
+            };
+            let value = match mutations.iter().find(|m| m.name == spec.name) {
+                Some(m) => m.value.as_ref(),
+                None => match touched.iter().find(|(name, _)| *name == spec.name) {
+                    Some((_, v)) => Some(v),
+                    None => continue,
+                },
+            };
+            let token = statefun_sdk::expiry_token(&spec.name);
+            match value {
+                None => delayed.push(DelayedEffect::Cancel { token }),
+                Some(v) => {
+                    let notice = statefun_sdk::Expired {
+                        state: spec.name.to_string(),
+                        value: statefun_sdk::TypedValue::from_bytes(spec.type_name.clone(), v.clone()),
+                    };
+                    match statefun_sdk::TypedValue::of(&notice) {
+                        Ok(message) => delayed.push(DelayedEffect::Send {
+                            delay: ttl,
+                            target: address.clone(),
+                            message,
+                            token: Some(token),
+                        }),
+                        Err(e) => tracing::error!(address = %address, error = %e, "cannot encode an expiry notice"),
+                    }
+                }
+            }
+        }
     }
 
     /// Durable mode: adds to `wb` the log entries of a completed batch (inbox deletes of

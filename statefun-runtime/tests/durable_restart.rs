@@ -4,7 +4,9 @@
 //! due; a message accepted but never finished (the function was stuck when the drain
 //! timeout ended the run) is processed after the restart; a replayable source that is
 //! restarted (resuming from its committed offset, partitions skipping what they already
-//! accepted) has each record counted exactly once.
+//! accepted) has each record counted exactly once; an expiry notice (our addition to
+//! TTL) is delivered once, with the last value, also when the deadline passes after a
+//! restart.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -238,4 +240,92 @@ async fn a_replayable_source_is_counted_once_across_restarts() {
         stop.cancel();
         task.await.unwrap().unwrap();
     }
+}
+
+const CART: TypeName = TypeName::from_static("test/cart");
+const BASKET: ValueSpec<String> = ValueSpec::named("basket")
+    .expire_after_call(Duration::from_secs(10))
+    .notify_on_expire();
+const RELEASED: ValueSpec<String> = ValueSpec::named("released");
+
+/// Adds items to a basket; when the basket expires, records what it held.
+fn cart(ctx: &mut Context, msg: Message) -> FunctionResult {
+    if msg.is::<Expired>() {
+        let e: Expired = msg.decode()?;
+        if ctx.storage().get(&BASKET)?.is_some() {
+            return Err("the expired value must be gone when the notice arrives".into());
+        }
+        let before = ctx.storage().get(&RELEASED)?.unwrap_or_default();
+        ctx.storage()
+            .set(&RELEASED, &format!("{before}[{}]", e.value_as::<String>()?))?;
+        return Ok(());
+    }
+    let item: String = msg.decode()?;
+    if item == "clear" {
+        ctx.storage().remove(&BASKET)?;
+        return Ok(());
+    }
+    let b = ctx.storage().get(&BASKET)?.unwrap_or_default() + &item;
+    ctx.storage().set(&BASKET, &b)?;
+    Ok(())
+}
+
+fn cart_module() -> Module {
+    Module::builder()
+        .with_fn(FunctionSpec::new(CART).with_state(BASKET).with_state(RELEASED), cart)
+        .build()
+        .unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_expiry_notice_is_delivered_once_with_the_last_value_even_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Address::new(CART, "c1").unwrap();
+    let r = start(dir.path(), cart_module(), four_partitions());
+    r.handle.send_value(c.clone(), &"a".to_string()).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    r.handle.send_value(c.clone(), &"b".to_string()).await.unwrap(); // refreshed: due at t=18
+    r.handle.wait_idle().await;
+    r.stop().await;
+
+    // Deadlines are wall-clock milliseconds; the paused test clock starts again from the
+    // real time at restart, so the basket expires about 18 s into the second run.
+    let r = start(dir.path(), cart_module(), four_partitions());
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    r.handle.wait_idle().await;
+    assert_eq!(r.handle.state(&c, &RELEASED).await.unwrap(), None, "not expired yet");
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    r.handle.wait_idle().await;
+    assert_eq!(r.handle.state(&c, &RELEASED).await.unwrap().as_deref(), Some("[ab]"));
+    assert_eq!(r.handle.state(&c, &BASKET).await.unwrap(), None);
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    r.handle.wait_idle().await;
+    assert_eq!(
+        r.handle.state(&c, &RELEASED).await.unwrap().as_deref(),
+        Some("[ab]"),
+        "delivered exactly once"
+    );
+    r.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_expiry_notice_works_on_the_in_memory_backend_and_a_delete_cancels_it() {
+    let runtime = Runtime::builder().module(cart_module()).build().unwrap();
+    let h = runtime.handle();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(runtime.run(stop.clone().cancelled_owned()));
+    let kept = Address::new(CART, "kept").unwrap();
+    let cleared = Address::new(CART, "cleared").unwrap();
+    h.send_value(kept.clone(), &"x".to_string()).await.unwrap();
+    h.send_value(cleared.clone(), &"y".to_string()).await.unwrap();
+    h.send_value(cleared.clone(), &"clear".to_string()).await.unwrap();
+    h.wait_idle().await;
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    h.wait_idle().await;
+    assert_eq!(h.state(&kept, &RELEASED).await.unwrap().as_deref(), Some("[x]"));
+    assert_eq!(h.state(&cleared, &RELEASED).await.unwrap(), None, "deleted: no notice");
+    let pending: usize = h.stats().await.unwrap().iter().map(|s| s.pending_delayed).sum();
+    assert_eq!(pending, 0);
+    stop.cancel();
+    task.await.unwrap().unwrap();
 }

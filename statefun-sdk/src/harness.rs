@@ -249,6 +249,35 @@ impl TestHarness {
                 s.expires_at = Some(self.now + d);
             }
         }
+        // Expiry notices: (re)scheduled for every written or refreshed value, cancelled
+        // for a deleted one; after the function's own delayed effects, like the runtime.
+        let mut notices = Vec::new();
+        for (i, spec) in specs.iter().enumerate() {
+            if !spec.notify_on_expire {
+                continue;
+            }
+            let written = effects.state.iter().any(|m| m.name == spec.name);
+            let refreshed = matches!(spec.expiration, Expiration::AfterCall(_));
+            if !written && !refreshed {
+                continue;
+            }
+            let token = crate::expiry::expiry_token(&spec.name);
+            self.pending.retain(|p| p.token.as_ref() != Some(&token));
+            if let Some(s) = &self.state[i]
+                && let Some(due) = s.expires_at
+            {
+                let notice = crate::Expired {
+                    state: spec.name.to_string(),
+                    value: TypedValue::from_bytes(spec.type_name.clone(), s.bytes.clone()),
+                };
+                notices.push(PendingDelayed {
+                    due,
+                    target: self.address.clone(),
+                    message: TypedValue::of(&notice).expect("expiry notices encode"),
+                    token: Some(token),
+                });
+            }
+        }
         for d in &effects.delayed {
             match d {
                 DelayedEffect::Send {
@@ -270,6 +299,7 @@ impl TestHarness {
                 DelayedEffect::Cancel { token } => self.pending.retain(|p| p.token.as_ref() != Some(token)),
             }
         }
+        self.pending.extend(notices);
     }
 
     /// Delayed messages not yet due, in the order they were sent.
@@ -385,5 +415,58 @@ mod tests {
             "the first timer was replaced"
         );
         assert_eq!(h.advance(Duration::from_secs(2)).len(), 1);
+    }
+
+    const BASKET: ValueSpec<String> = ValueSpec::named("basket")
+        .expire_after_call(Duration::from_secs(10))
+        .notify_on_expire();
+    const RELEASED: ValueSpec<String> = ValueSpec::named("released");
+
+    fn basket() -> TestHarness {
+        let spec = FunctionSpec::new(T).with_state(BASKET).with_state(RELEASED);
+        TestHarness::from_fn(spec, |ctx, msg| {
+            if msg.is::<crate::Expired>() {
+                let e: crate::Expired = msg.decode()?;
+                assert_eq!(
+                    ctx.storage().get(&BASKET)?,
+                    None,
+                    "the value is gone when the notice arrives"
+                );
+                let last: String = e.value_as()?;
+                ctx.storage().set(&RELEASED, &last)?;
+                return Ok(());
+            }
+            match msg.decode::<String>()?.as_str() {
+                "clear" => ctx.storage().remove(&BASKET)?,
+                item => {
+                    let b = ctx.storage().get(&BASKET)?.unwrap_or_default() + item;
+                    ctx.storage().set(&BASKET, &b)?;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    #[test]
+    fn an_expiring_value_sends_its_last_value_to_the_function() {
+        let mut h = basket();
+        h.invoke_blocking(s("a")).unwrap();
+        h.advance(Duration::from_secs(8));
+        h.invoke_blocking(s("b")).unwrap(); // rewrites and refreshes: due at t=18
+        assert!(h.advance(Duration::from_secs(9)).is_empty(), "t=17: not yet");
+        let due = h.advance(Duration::from_secs(1));
+        assert_eq!(due.len(), 1, "one notice, the earlier one was replaced");
+        let me = h.address().clone();
+        h.invoke_from_blocking(Some(me), due[0].message.clone()).unwrap();
+        assert_eq!(h.state(&RELEASED).unwrap().as_deref(), Some("ab"));
+    }
+
+    #[test]
+    fn deleting_an_expiring_value_cancels_its_notice() {
+        let mut h = basket();
+        h.invoke_blocking(s("a")).unwrap();
+        h.invoke_blocking(s("clear")).unwrap();
+        assert!(h.pending_delayed().is_empty());
+        assert!(h.advance(Duration::from_secs(60)).is_empty());
     }
 }

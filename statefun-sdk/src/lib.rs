@@ -50,6 +50,7 @@
 //! ```
 
 pub mod context;
+pub mod expiry;
 pub mod function;
 pub mod harness;
 pub mod spec;
@@ -61,6 +62,7 @@ pub use bytes;
 pub use context::{
     Context, DelayedEffect, Effects, EgressMessage, OutgoingMessage, StateError, StateMutation, Storage,
 };
+pub use expiry::{Expired, expiry_token};
 pub use function::{
     FnFunction, FunctionError, FunctionResult, Module, ModuleBuilder, ModuleError, RegisteredFunction, StatefulFunction,
 };
@@ -75,7 +77,7 @@ pub use async_trait::async_trait;
 /// Everything a function author needs, in one import.
 pub mod prelude {
     pub use crate::{
-        Address, Context, Expiration, FunctionResult, FunctionSpec, Message, Module, StatefulFunction, TypeName,
-        TypedValue, ValueSpec, ValueType, async_trait, json_type, protobuf_type,
+        Address, Context, Expiration, Expired, FunctionResult, FunctionSpec, Message, Module, StatefulFunction,
+        TypeName, TypedValue, ValueSpec, ValueType, async_trait, json_type, protobuf_type,
     };
 }

@@ -62,6 +62,7 @@ const fn valid_state_name(s: &str) -> bool {
 pub struct ValueSpec<T> {
     name: &'static str,
     expiration: Expiration,
+    notify_on_expire: bool,
     _type: PhantomData<fn() -> T>,
 }
 
@@ -85,8 +86,26 @@ impl<T: ValueType> ValueSpec<T> {
         ValueSpec {
             name,
             expiration: Expiration::None,
+            notify_on_expire: false,
             _type: PhantomData,
         }
+    }
+
+    /// Deliver an [`Expired`](crate::Expired) message with the last value to the
+    /// function when the value expires (see [`crate::expiry`] for the semantics).
+    /// Has no effect on a value that never expires.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use statefun_sdk::ValueSpec;
+    /// const BASKET: ValueSpec<String> = ValueSpec::named("basket")
+    ///     .expire_after_call(Duration::from_secs(900))
+    ///     .notify_on_expire();
+    /// assert!(BASKET.to_state_spec().notify_on_expire);
+    /// ```
+    pub const fn notify_on_expire(mut self) -> Self {
+        self.notify_on_expire = true;
+        self
     }
 
     /// Expire the value `ttl` after it was last written.
@@ -122,6 +141,7 @@ impl<T: ValueType> ValueSpec<T> {
             name: Arc::from(self.name),
             type_name: T::TYPE_NAME,
             expiration: self.expiration,
+            notify_on_expire: self.notify_on_expire && !matches!(self.expiration, Expiration::None),
         }
     }
 }
@@ -131,6 +151,7 @@ impl<T> std::fmt::Debug for ValueSpec<T> {
         f.debug_struct("ValueSpec")
             .field("name", &self.name)
             .field("expiration", &self.expiration)
+            .field("notify_on_expire", &self.notify_on_expire)
             .finish()
     }
 }
@@ -145,6 +166,9 @@ pub struct StateSpec {
     pub type_name: TypeName,
     /// The expiration.
     pub expiration: Expiration,
+    /// Deliver an [`Expired`](crate::Expired) message when the value expires (only
+    /// meaningful with an expiration).
+    pub notify_on_expire: bool,
 }
 
 impl StateSpec {
@@ -158,6 +182,7 @@ impl StateSpec {
             name: Arc::from(name),
             type_name,
             expiration,
+            notify_on_expire: false,
         })
     }
 }
