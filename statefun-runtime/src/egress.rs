@@ -31,9 +31,14 @@ pub struct EgressRecord {
     pub id: Option<EgressId>,
 }
 
-/// The id of an egress record: the producing partition and its log sequence number.
+/// The id of an egress record, unique across restarts and checkpoint restores: the
+/// run that produced it (a random id drawn each time a runtime is built), the producing
+/// partition, and its sequence number in that partition's egress log. A record handed
+/// over again after a crash keeps the id it was produced with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct EgressId {
+    /// Random id of the producing run.
+    pub run: u64,
     /// The producing partition.
     pub partition: crate::PartitionId,
     /// Its sequence number in that partition's egress log.
@@ -42,7 +47,7 @@ pub struct EgressId {
 
 impl std::fmt::Display for EgressId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}:{}", self.partition.0, self.seq)
+        write!(f, "{:016x}-{}-{:x}", self.run, self.partition.0, self.seq)
     }
 }
 

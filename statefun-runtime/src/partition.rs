@@ -357,9 +357,10 @@ impl Partition {
             self.recovered_timers.push((key, t));
         }
         for (key, bytes) in self.store.log(LogKind::Egress)? {
-            let mut r = entries::decode_egress(&bytes).map_err(|e| corrupt("egress record", &key, e))?;
+            let (mut r, run) = entries::decode_egress(&bytes).map_err(|e| corrupt("egress record", &key, e))?;
             if let LogKey::Egress { seq } = key {
                 r.id = Some(EgressId {
+                    run,
                     partition: self.id,
                     seq,
                 });
@@ -1017,7 +1018,12 @@ impl Partition {
                     wb.log.push(LogOp {
                         partition: self.id,
                         key,
-                        value: Some(entries::encode_egress(&e.egress, address, &e.message)),
+                        value: Some(entries::encode_egress(
+                            &e.egress,
+                            address,
+                            &e.message,
+                            self.shared.run_id,
+                        )),
                     });
                     keys.push(Some(key));
                 } else {
@@ -1035,7 +1041,9 @@ impl Partition {
     /// egress log, deleted once the sink took it (or once it is dead-lettered).
     fn hand_over(&mut self, key: Option<LogKey>, mut record: EgressRecord) {
         if let Some(key @ LogKey::Egress { seq }) = key {
-            record.id = Some(EgressId {
+            // Recovered records keep the id of the run that produced them.
+            record.id.get_or_insert(EgressId {
+                run: self.shared.run_id,
                 partition: self.id,
                 seq,
             });

@@ -90,6 +90,22 @@ pub(crate) struct Shared {
     /// Set when shutdown begins; new outside messages are refused from then on.
     stopping: AtomicBool,
     pub(crate) backend: Arc<dyn StateBackend>,
+    /// Random id of this run, part of every egress record id.
+    pub(crate) run_id: u64,
+}
+
+/// A random 64-bit id: std's randomly keyed hasher over the time and the process id.
+fn random_run_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.write_u32(std::process::id());
+    h.finish()
 }
 
 pub(crate) enum SubmitError {
@@ -349,6 +365,7 @@ impl RuntimeBuilder {
             clock: Clock::new(),
             stopping: AtomicBool::new(false),
             backend: Arc::clone(&self.backend),
+            run_id: random_run_id(),
         });
         let mut partitions = Vec::with_capacity(n as usize);
         for (id, store, irx, brx) in receivers {

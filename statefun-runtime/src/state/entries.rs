@@ -62,6 +62,9 @@ struct WireEgress {
     source: Option<WireAddress>,
     #[prost(message, optional, tag = "3")]
     message: Option<WireValue>,
+    /// The producing run (see `EgressId::run`).
+    #[prost(fixed64, tag = "4")]
+    run: u64,
 }
 
 /// A pending delayed message as stored.
@@ -161,22 +164,25 @@ pub(crate) fn decode_timer(b: &[u8]) -> Result<StoredTimer, String> {
     })
 }
 
-pub(crate) fn encode_egress(egress: &TypeName, source: &Address, message: &TypedValue) -> Bytes {
+pub(crate) fn encode_egress(egress: &TypeName, source: &Address, message: &TypedValue, run: u64) -> Bytes {
     frame(&WireEgress {
         egress: egress.as_str().to_owned(),
         source: Some(address(source)),
         message: Some(value(message)),
+        run,
     })
 }
 
-pub(crate) fn decode_egress(b: &[u8]) -> Result<EgressRecord, String> {
+/// The record (without its id) and the run that produced it.
+pub(crate) fn decode_egress(b: &[u8]) -> Result<(EgressRecord, u64), String> {
     let e: WireEgress = unframe("egress record", b)?;
-    Ok(EgressRecord {
+    let record = EgressRecord {
         egress: TypeName::parse(&e.egress).map_err(|e| format!("egress record: {e}"))?,
         source: from_address("egress record", e.source)?,
         message: from_value("egress record", e.message)?,
         id: None,
-    })
+    };
+    Ok((record, e.run))
 }
 
 #[cfg(test)]
@@ -234,8 +240,8 @@ mod tests {
         #[test]
         fn egress_records_round_trip(s in addr(), m in typed()) {
             let id = TypeName::from_static("io/out");
-            let r = decode_egress(&encode_egress(&id, &s, &m)).unwrap();
-            prop_assert_eq!((r.egress, r.source, r.message), (id, s, m));
+            let (r, run) = decode_egress(&encode_egress(&id, &s, &m, 77)).unwrap();
+            prop_assert_eq!((r.egress, r.source, r.message, run), (id, s, m, 77));
         }
 
         #[test]
