@@ -7,7 +7,7 @@
 CARGO_TARGET_DIR ?= $(HOME)/.cache/statefun-rs/target
 export CARGO_TARGET_DIR
 
-.PHONY: demo test bench setup fmt
+.PHONY: demo test bench soak setup fmt
 
 ## Run the retail reference application in-process (embedded default) and check its invariants.
 demo: setup
@@ -20,6 +20,12 @@ test: setup
 ## Run the criterion benchmarks (numbers in docs/performance.md).
 bench: setup
 	cargo bench --locked -p statefun-benches
+
+## Crash soak: SIGKILL a RocksDB-backed workload KILLS times and compare with a crash-free run.
+KILLS ?= 20
+RECORDS ?= 50000
+soak: setup
+	cargo run --locked -p statefun-crash-test -- soak --kills $(KILLS) --records $(RECORDS)
 
 setup:
 	scripts/setup.sh
