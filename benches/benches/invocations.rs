@@ -3,7 +3,9 @@
 //! ingress queue -> mailbox -> invocation -> effects applied -> state written. Measured
 //! for 1, 2, 4 and 8 partitions on a 2-worker tokio runtime, next to the same function
 //! called directly (context built, function invoked, effects collected, value written to
-//! a HashMap) in the same run: the ceiling for one core with no runtime around it.
+//! a HashMap) in the same run: the ceiling for one core with no runtime around it. And
+//! the same through the runtime on RocksDB in durable mode (state, inbox entries and
+//! progress written per commit; exactly-once across crashes), 1 and 8 partitions.
 
 use std::collections::HashMap;
 use std::hint::black_box;
@@ -12,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use statefun_benches::{COUNT, COUNTER, counter, module};
+use statefun_runtime::state::{RocksDbBackend, RocksDbOptions};
 use statefun_runtime::{Runtime, RuntimeConfig};
 use statefun_sdk::bytes::Bytes;
 use statefun_sdk::{Address, Context, StateSpec, TypedValue, ValueType};
@@ -28,26 +31,37 @@ fn addresses() -> Vec<Address> {
 }
 
 fn through_runtime(c: &mut Criterion) {
-    let mut group = c.benchmark_group("invocations/runtime");
+    run_group(c, "invocations/runtime", &[1, 2, 4, 8], false);
+}
+
+fn through_runtime_durable(c: &mut Criterion) {
+    run_group(c, "invocations/runtime-rocksdb-durable", &[1, 8], true);
+}
+
+fn run_group(c: &mut Criterion, name: &str, partition_counts: &[u32], durable: bool) {
+    let mut group = c.benchmark_group(name);
     group.throughput(Throughput::Elements(MESSAGES));
     group.measurement_time(Duration::from_secs(8));
     group.sample_size(20);
     let one = TypedValue::of(&1u64).unwrap();
     let addrs = addresses();
-    for partitions in [1u32, 2, 4, 8] {
+    for &partitions in partition_counts {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
             .unwrap();
-        let runtime = Runtime::builder()
+        let dir = tempfile::tempdir().unwrap();
+        let mut builder = Runtime::builder()
             .config(RuntimeConfig {
                 partitions,
                 ..Default::default()
             })
-            .module(module())
-            .build()
-            .unwrap();
+            .module(module());
+        if durable {
+            builder = builder.state_backend(RocksDbBackend::open(dir.path(), RocksDbOptions::default()).unwrap());
+        }
+        let runtime = builder.build().unwrap();
         let handle = runtime.handle();
         let stop = CancellationToken::new();
         let running = rt.spawn(runtime.run(stop.clone().cancelled_owned()));
@@ -102,5 +116,5 @@ fn direct_call(c: &mut Criterion) {
     assert!(total > 0);
 }
 
-criterion_group!(benches, direct_call, through_runtime);
+criterion_group!(benches, direct_call, through_runtime, through_runtime_durable);
 criterion_main!(benches);

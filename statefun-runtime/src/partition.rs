@@ -167,6 +167,8 @@ pub(crate) struct Partition {
     accepting: Vec<Envelope>,
     /// The inbox write failed: no more ingress is taken until the retry timer fires.
     accept_blocked: bool,
+    /// Consecutive failed inbox writes (for the backoff).
+    accept_failures: u32,
     /// Log deletions that may wait for the next write: handed-over egress records,
     /// dead-lettered inbox messages.
     deferred: Vec<LogOp>,
@@ -323,6 +325,7 @@ impl Partition {
             progress: HashMap::default(),
             accepting: Vec::new(),
             accept_blocked: false,
+            accept_failures: 0,
             deferred: Vec::new(),
             recovered: Vec::new(),
             recovered_timers: Vec::new(),
@@ -491,6 +494,7 @@ impl Partition {
             }
             return self.accept_failed(keep, e);
         }
+        self.accept_failures = 0;
         for (source, offset) in advanced {
             self.progress.insert(source, Some(offset));
         }
@@ -501,11 +505,17 @@ impl Partition {
     }
 
     fn accept_failed(&mut self, mut keep: Vec<Envelope>, e: state::Error) {
-        tracing::error!(partition = %self.id, error = %e, "cannot write the inbox; ingress paused, retrying");
+        self.accept_failures = self.accept_failures.saturating_add(1);
+        tracing::error!(
+            partition = %self.id,
+            attempt = self.accept_failures,
+            error = %e,
+            "cannot write the inbox; this partition takes no input until it can, retrying"
+        );
         keep.append(&mut self.accepting);
         self.accepting = keep;
         self.accept_blocked = true;
-        let due = deadline_after(self.shared.config.retry.backoff(1));
+        let due = deadline_after(self.shared.config.retry.backoff(self.accept_failures));
         self.timers.schedule_accept_retry(due);
     }
 

@@ -33,7 +33,14 @@ const META_INCARNATION_KEY: &[u8] = b"\x00incarnation";
 /// Maps a RocksDB error to ours: whether a retry can help, and where it happened.
 fn map_err(path: &Path, what: &str, e: rocksdb::Error) -> Error {
     use rocksdb::ErrorKind::*;
-    let msg = format!("{what} in RocksDB at {}: {e}", path.display());
+    let mut msg = format!("{what} in RocksDB at {}: {e}", path.display());
+    let text = e.to_string();
+    if text.contains("No space left") || text.contains("ENOSPC") {
+        msg.push_str(
+            ". The disk is full: free space or grow the volume, then restart the runtime; \
+             nothing acknowledged was lost (see docs/operations.md)",
+        );
+    }
     match e.kind() {
         Busy | TryAgain | TimedOut | Incomplete => Error::Transient(msg),
         _ => Error::Permanent(msg),
