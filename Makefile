@@ -25,7 +25,7 @@ bench: setup
 KILLS ?= 20
 RECORDS ?= 50000
 soak: setup
-	cargo run --locked -p statefun-crash-test -- soak --kills $(KILLS) --records $(RECORDS)
+	scripts/reuse-rocksdb cargo run --locked -p statefun-crash-test -- soak --kills $(KILLS) --records $(RECORDS)
 
 setup:
 	scripts/setup.sh

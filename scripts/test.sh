@@ -8,9 +8,6 @@ step() { printf '\n==> %s\n' "$*"; }
 step "formatting (cargo fmt --check)"
 cargo fmt --all -- --check
 
-step "lints (cargo clippy -D warnings)"
-cargo clippy --locked --workspace --all-targets -- -D warnings
-
 step "dependency rule: statefun-sdk opens no sockets and no files"
 scripts/check-sdk-deps.sh
 
@@ -19,3 +16,8 @@ cargo test --locked --workspace --doc
 
 step "unit, property and integration tests (cargo nextest)"
 cargo nextest run --locked --workspace --no-fail-fast
+
+# After the tests: clippy reuses the RocksDB library they compiled (scripts/reuse-rocksdb)
+# instead of compiling its own copy.
+step "lints (cargo clippy -D warnings)"
+scripts/reuse-rocksdb cargo clippy --locked --workspace --all-targets -- -D warnings
