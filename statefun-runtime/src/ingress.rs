@@ -394,10 +394,29 @@ impl Ingress for GeneratorIngress {
     }
 
     async fn run(self: Box<Self>, sink: IngressSink, shutdown: CancellationToken) -> Result<(), Error> {
-        let committed = sink.committed_offset(&self.name, 0).map_err(|e| Error::Source {
-            ingress: self.name.clone(),
-            reason: format!("cannot read the committed offset: {e}"),
-        })?;
+        // A transient failure to read the committed offset is retried (with backoff,
+        // until shutdown); a permanent one stops the source.
+        let mut attempt = 0u32;
+        let committed = loop {
+            match sink.committed_offset(&self.name, 0) {
+                Ok(c) => break c,
+                Err(crate::state::Error::Transient(e)) => {
+                    attempt += 1;
+                    tracing::warn!(ingress = %self.name, attempt, error = %e, "cannot read the committed offset; retrying");
+                    let wait = std::time::Duration::from_millis(10u64 << attempt.min(10));
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                }
+                Err(e) => {
+                    return Err(Error::Source {
+                        ingress: self.name.clone(),
+                        reason: format!("cannot read the committed offset: {e}"),
+                    });
+                }
+            }
+        };
         let start = committed.map_or(0, |o| o as u64 + 1);
         if start > 0 {
             tracing::info!(ingress = %self.name, offset = start, "generator resumes after the committed offset");

@@ -31,6 +31,7 @@ use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use statefun_sdk::{
     Address, Context, DelayedEffect, Effects, EgressMessage, Expiration, StateSpec, StatefulFunction, TypeName,
+    TypedValue,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -133,6 +134,9 @@ type Touched = Vec<(Arc<str>, Bytes)>;
 struct Completion {
     address: Address,
     batch: Vec<Envelope>,
+    /// Expired values whose notice this batch delivered: deleted in its commit unless
+    /// the function wrote them again.
+    expired: Vec<Arc<str>>,
     outcome: Result<(Effects, Touched), Failure>,
 }
 
@@ -201,17 +205,40 @@ fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
     }
 }
 
-/// Runs one batch of messages for one address against one context.
+/// True for the timer message that triggers an expiry check (see `Partition::start`).
+fn is_expiry_trigger(address: &Address, env: &Envelope) -> bool {
+    env.message.type_name() == &<statefun_sdk::Expired as statefun_sdk::ValueType>::TYPE_NAME
+        && env.caller.as_ref() == Some(address)
+}
+
+/// Runs one batch of messages for one address against one context: first the expiry
+/// notices `start` found due, then the batch's messages (expiry triggers skipped).
 async fn invoke_batch(
     function: Arc<Arc<dyn StatefulFunction>>,
     mut ctx: Context,
     address: Address,
     batch: Vec<Envelope>,
+    notices: Vec<(Arc<str>, TypedValue)>,
     has_after_call: bool,
 ) -> Completion {
-    for i in 0..batch.len() {
-        ctx.set_caller(batch[i].caller.clone());
-        let message = batch[i].message.clone();
+    let expired: Vec<Arc<str>> = notices.iter().map(|(n, _)| Arc::clone(n)).collect();
+    let notices = notices.into_iter().map(|(_, m)| (Some(address.clone()), m));
+    let messages = batch
+        .iter()
+        .filter(|env| !is_expiry_trigger(&address, env))
+        .map(|env| (env.caller.clone(), env.message.clone()));
+    let skipped_before = |n: usize| {
+        // Index in `batch` of the n-th message invoked from it.
+        batch
+            .iter()
+            .enumerate()
+            .filter(|(_, env)| !is_expiry_trigger(&address, env))
+            .nth(n)
+            .map_or(0, |(i, _)| i)
+    };
+    let n_notices = expired.len();
+    for (k, (caller, message)) in notices.chain(messages).enumerate() {
+        ctx.set_caller(caller);
         let result = AssertUnwindSafe(function.invoke(&mut ctx, message))
             .catch_unwind()
             .await;
@@ -220,10 +247,18 @@ async fn invoke_batch(
             Ok(Err(e)) => error_chain(&*e),
             Err(p) => panic_message(&*p),
         };
+        // A failing notice fails the batch from its start; notices are found again
+        // when it is retried.
+        let index = if k < n_notices {
+            0
+        } else {
+            skipped_before(k - n_notices)
+        };
         return Completion {
             address,
             batch,
-            outcome: Err(Failure { index: i, error }),
+            expired: Vec::new(),
+            outcome: Err(Failure { index, error }),
         };
     }
     // AFTER_CALL values are refreshed by every invocation, written or not.
@@ -241,6 +276,7 @@ async fn invoke_batch(
     Completion {
         address,
         batch,
+        expired,
         outcome: Ok((ctx.into_effects(), touched)),
     }
 }
@@ -300,7 +336,7 @@ impl Partition {
             })
             .collect();
         let durable = shared.backend.durable();
-        let seq = shared.backend.incarnation() << 40;
+        let seq = shared.incarnation << 40;
         Partition {
             id,
             shared,
@@ -437,6 +473,18 @@ impl Partition {
         if self.accepting.is_empty() || self.accept_blocked {
             return;
         }
+        // Load the stored progress of every source first, so that nothing below can
+        // fail half-way through the records.
+        for i in 0..self.accepting.len() {
+            if let Some((source, _)) = &self.accepting[i].position
+                && !self.progress.contains_key(source)
+            {
+                let source = Arc::clone(source);
+                if let Err(e) = self.stored_progress(&source) {
+                    return self.accept_failed(Vec::new(), e);
+                }
+            }
+        }
         let taken = std::mem::take(&mut self.accepting);
         let mut wb = WriteBatch::default();
         let mut advanced: Vec<(Arc<str>, u64)> = Vec::new();
@@ -446,16 +494,10 @@ impl Partition {
             if let Some((source, offset)) = &env.position {
                 let stored = match advanced.iter().rev().find(|(s, _)| s == source) {
                     Some((_, o)) => Some(*o),
-                    None => match self.stored_progress(source) {
-                        Ok(p) => p,
-                        Err(e) => {
-                            keep.push(env);
-                            // Put everything back and retry later.
-                            return self.accept_failed(keep, e);
-                        }
-                    },
+                    None => self.progress.get(source).copied().flatten(),
                 };
                 if stored.is_some_and(|p| *offset <= p) {
+                    // Accepted before a restart: in the inbox or processed. Final.
                     skipped += 1;
                     continue;
                 }
@@ -477,6 +519,7 @@ impl Partition {
             }
             keep.push(env);
         }
+        self.shared.finish(skipped);
         for (source, offset) in &advanced {
             match wb.progress.iter_mut().find(|(s, _)| s.as_str() == &**source) {
                 Some(slot) => slot.1 = *offset,
@@ -498,7 +541,6 @@ impl Partition {
         for (source, offset) in advanced {
             self.progress.insert(source, Some(offset));
         }
-        self.shared.finish(skipped);
         for env in keep {
             self.enqueue(env);
         }
@@ -714,9 +756,32 @@ impl Partition {
         self.stats.batches += 1;
         let now = if f.has_expiry { self.shared.clock.now_ms() } else { 0 };
         let mut values = Vec::with_capacity(f.states.len());
+        // Values that expired and want a notice: it is delivered now, before any other
+        // message can overwrite the value (the timer that fires at the deadline only
+        // triggers this check; a trigger for a live or absent value does nothing).
+        let mut notices = Vec::new();
         for spec in f.states.iter() {
             match self.store.get(&address, &spec.name) {
-                Ok(v) => values.push(v.filter(|v| v.expires_at_ms.is_none_or(|t| t > now)).map(|v| v.value)),
+                Ok(v) => {
+                    let (live, expired) = match v {
+                        Some(v) if v.expires_at_ms.is_none_or(|t| t > now) => (Some(v.value), None),
+                        Some(v) => (None, Some(v.value)),
+                        None => (None, None),
+                    };
+                    if spec.notify_on_expire
+                        && let Some(last) = expired
+                    {
+                        let notice = statefun_sdk::Expired {
+                            state: spec.name.to_string(),
+                            value: TypedValue::from_bytes(spec.type_name.clone(), last),
+                        };
+                        match TypedValue::of(&notice) {
+                            Ok(m) => notices.push((Arc::clone(&spec.name), m)),
+                            Err(e) => tracing::error!(address = %address, error = %e, "cannot encode an expiry notice"),
+                        }
+                    }
+                    values.push(live);
+                }
                 Err(e) => {
                     let failure = Failure {
                         index: 0,
@@ -725,6 +790,7 @@ impl Partition {
                     self.ready.push_back(Completion {
                         address,
                         batch,
+                        expired: Vec::new(),
                         outcome: Err(failure),
                     });
                     return;
@@ -736,7 +802,7 @@ impl Partition {
         // (not recursively, so a function sending to itself cannot grow the stack) and
         // hand only the pending ones to FuturesUnordered, which polls them again with a
         // real waker.
-        let mut fut = invoke_batch(f.function, ctx, address, batch, f.has_after_call).boxed();
+        let mut fut = invoke_batch(f.function, ctx, address, batch, notices, f.has_after_call).boxed();
         match fut.as_mut().now_or_never() {
             Some(c) => self.ready.push_back(c),
             None => self.in_flight.push(fut),
@@ -745,7 +811,7 @@ impl Partition {
 
     fn on_complete(&mut self, c: Completion) {
         match c.outcome {
-            Ok((effects, touched)) => self.on_success(c.address, c.batch, effects, touched),
+            Ok((effects, touched)) => self.on_success(c.address, c.batch, effects, touched, c.expired),
             Err(failure) => self.on_failure(c.address, c.batch, failure),
         }
     }
@@ -764,6 +830,7 @@ impl Partition {
         batch: Vec<Envelope>,
         effects: Effects,
         touched: Vec<(Arc<str>, Bytes)>,
+        expired: Vec<Arc<str>>,
     ) {
         let n = batch.len();
         let Effects {
@@ -776,7 +843,16 @@ impl Partition {
             self.expiry_notices(&address, &mutations, &touched, &mut delayed);
         }
         let mut wb = WriteBatch::default();
-        // 1. State.
+        // 1. State. Values whose expiry notice was delivered are deleted now.
+        for name in expired {
+            if !mutations.iter().any(|m| m.name == name) {
+                wb.ops.push(WriteOp {
+                    address: address.clone(),
+                    name,
+                    value: None,
+                });
+            }
+        }
         if !mutations.is_empty() || !touched.is_empty() {
             let f = &self.functions[address.type_name()];
             let now = if f.has_expiry { self.shared.clock.now_ms() } else { 0 };

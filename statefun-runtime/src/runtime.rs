@@ -92,6 +92,8 @@ pub(crate) struct Shared {
     pub(crate) backend: Arc<dyn StateBackend>,
     /// Random id of this run, part of every egress record id.
     pub(crate) run_id: u64,
+    /// This run's incarnation: the high bits of every log sequence number.
+    pub(crate) incarnation: u64,
 }
 
 /// A random 64-bit id: std's randomly keyed hasher over the time and the process id.
@@ -336,6 +338,12 @@ impl RuntimeBuilder {
         self.config.validate()?;
         let module = self.module.ok_or(Error::NoModule)?;
         let n = self.config.partitions;
+        let durable_err = |source| Error::State {
+            partition: PartitionId(0),
+            source,
+        };
+        self.backend.check_partitions(n).map_err(durable_err)?;
+        let incarnation = self.backend.next_incarnation().map_err(durable_err)?;
         let mut senders = Vec::with_capacity(n as usize);
         let mut receivers = Vec::with_capacity(n as usize);
         for p in 0..n {
@@ -366,6 +374,7 @@ impl RuntimeBuilder {
             stopping: AtomicBool::new(false),
             backend: Arc::clone(&self.backend),
             run_id: random_run_id(),
+            incarnation,
         });
         let mut partitions = Vec::with_capacity(n as usize);
         for (id, store, irx, brx) in receivers {

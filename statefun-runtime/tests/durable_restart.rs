@@ -329,3 +329,73 @@ async fn an_expiry_notice_works_on_the_in_memory_backend_and_a_delete_cancels_it
     stop.cancel();
     task.await.unwrap().unwrap();
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_message_arriving_after_the_deadline_gets_the_expiry_notice_delivered_first() {
+    // The notice's timer and a message become ready in the same loop turn: the message
+    // must not overwrite the expired value before its notice is delivered.
+    let runtime = Runtime::builder().module(cart_module()).build().unwrap();
+    let h = runtime.handle();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(runtime.run(stop.clone().cancelled_owned()));
+    let c = Address::new(CART, "late").unwrap();
+    h.send_value(c.clone(), &"a".to_string()).await.unwrap();
+    h.wait_idle().await;
+    tokio::time::advance(Duration::from_millis(10_005)).await;
+    h.send_value(c.clone(), &"b".to_string()).await.unwrap();
+    h.wait_idle().await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    h.wait_idle().await;
+    assert_eq!(h.state(&c, &RELEASED).await.unwrap().as_deref(), Some("[a]"));
+    assert_eq!(h.state(&c, &BASKET).await.unwrap().as_deref(), Some("b"));
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn the_same_backend_value_can_serve_several_runs_without_reusing_log_keys() {
+    // Runs 1 and 2 are built from clones of one open backend, and each leaves a message
+    // unfinished in the inbox. If run 2 reused run 1's log keys, its message would
+    // overwrite the first one's inbox entry. A third start must recover both.
+    let dir = tempfile::tempdir().unwrap();
+    let backend = RocksDbBackend::open(dir.path(), RocksDbOptions::default()).unwrap();
+    let config = RuntimeConfig {
+        partitions: 1,
+        drain_timeout_ms: 100,
+        ..Default::default()
+    };
+    let module = |stuck: bool| {
+        Module::builder()
+            .with_function(
+                FunctionSpec::new(STUCK).with_state(SEEN),
+                MaybeStuck(Arc::new(AtomicBool::new(stuck))),
+            )
+            .build()
+            .unwrap()
+    };
+    for id in ["a", "b"] {
+        let runtime = Runtime::builder()
+            .config(config.clone())
+            .module(module(true))
+            .state_backend(backend.clone())
+            .build()
+            .unwrap();
+        let h = runtime.handle();
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(runtime.run(stop.clone().cancelled_owned()));
+        h.send_value(Address::new(STUCK, id).unwrap(), &1i64).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        stop.cancel();
+        assert!(!task.await.unwrap().unwrap().drained);
+    }
+    drop(backend);
+
+    let r = start(dir.path(), module(false), config);
+    assert_eq!(r.handle.outstanding(), 2, "both unfinished messages are in the inbox");
+    r.handle.wait_idle().await;
+    for id in ["a", "b"] {
+        let seen = r.handle.state(&Address::new(STUCK, id).unwrap(), &SEEN).await.unwrap();
+        assert_eq!(seen, Some(1), "{id} processed once");
+    }
+    r.stop().await;
+}

@@ -184,11 +184,17 @@ fn survives_reopen(subject: &mut dyn Subject) {
         })
         .unwrap();
     }
-    let before = b.incarnation();
+    let first = b.next_incarnation().unwrap();
+    let second = b.next_incarnation().unwrap();
     drop(b);
     let Some(b) = subject.reopen() else { return };
     assert!(b.durable(), "a backend that reopens its data is durable");
-    assert!(b.incarnation() > before, "every opening has a new incarnation");
+    assert!(second > first, "every call gives a new incarnation");
+    assert!(b.next_incarnation().unwrap() > second, "also after a reopen");
+    b.check_partitions(4).unwrap();
+    b.check_partitions(4).unwrap();
+    let e = b.check_partitions(8).unwrap_err().to_string();
+    assert!(e.contains("4 partitions") && e.contains("8"), "{e}");
     let s = b.open_partition(PartitionId(2)).unwrap();
     assert_eq!(
         s.log(LogKind::Timers).unwrap(),

@@ -194,12 +194,46 @@ impl TestHarness {
         caller: Option<Address>,
         message: TypedValue,
     ) -> Result<Effects, FunctionError> {
-        self.expire();
-        let values = self.state.iter().map(|s| s.as_ref().map(|s| s.bytes.clone())).collect();
-        let mut ctx = Context::new(self.address.clone(), Arc::clone(self.function.states()), values);
-        ctx.set_caller(caller);
-        self.function.function().invoke(&mut ctx, message).await?;
+        // As the runtime: an expired value that asks for a notice gets it now, before
+        // the message (which might overwrite it); an expiry trigger (the delayed
+        // message `advance` hands back) only causes this check.
+        let specs = Arc::clone(self.function.states());
+        let mut notices = Vec::new();
+        for (spec, s) in specs.iter().zip(&self.state) {
+            if let Some(s) = s
+                && spec.notify_on_expire
+                && s.expires_at.is_some_and(|t| t <= self.now)
+            {
+                let notice = crate::Expired {
+                    state: spec.name.to_string(),
+                    value: TypedValue::from_bytes(spec.type_name.clone(), s.bytes.clone()),
+                };
+                notices.push(TypedValue::of(&notice)?);
+            }
+        }
+        let trigger =
+            caller.as_ref() == Some(&self.address) && message.type_name() == &<crate::Expired as ValueType>::TYPE_NAME;
+        let now = self.now;
+        let values = self
+            .state
+            .iter()
+            .map(|s| {
+                s.as_ref()
+                    .filter(|s| s.expires_at.is_none_or(|t| t > now))
+                    .map(|s| s.bytes.clone())
+            })
+            .collect();
+        let mut ctx = Context::new(self.address.clone(), specs, values);
+        for notice in notices {
+            ctx.set_caller(Some(self.address.clone()));
+            self.function.function().invoke(&mut ctx, notice).await?;
+        }
+        if !trigger {
+            ctx.set_caller(caller);
+            self.function.function().invoke(&mut ctx, message).await?;
+        }
         let effects = ctx.into_effects();
+        self.expire();
         self.apply(&effects);
         Ok(effects)
     }
@@ -468,5 +502,20 @@ mod tests {
         h.invoke_blocking(s("clear")).unwrap();
         assert!(h.pending_delayed().is_empty());
         assert!(h.advance(Duration::from_secs(60)).is_empty());
+    }
+
+    #[test]
+    fn a_message_after_the_deadline_gets_the_notice_delivered_first() {
+        let mut h = basket();
+        h.invoke_blocking(s("a")).unwrap();
+        let due = h.advance(Duration::from_secs(11)); // the notice is due; not fed back yet
+        h.invoke_blocking(s("b")).unwrap(); // the notice for "a" runs first
+        assert_eq!(h.state(&RELEASED).unwrap().as_deref(), Some("a"));
+        assert_eq!(h.state(&BASKET).unwrap().as_deref(), Some("b"), "a fresh basket");
+        // Feeding the (now stale) timer message back does nothing.
+        let me = h.address().clone();
+        h.invoke_from_blocking(Some(me), due[0].message.clone()).unwrap();
+        assert_eq!(h.state(&RELEASED).unwrap().as_deref(), Some("a"));
+        assert_eq!(h.state(&BASKET).unwrap().as_deref(), Some("b"));
     }
 }

@@ -160,11 +160,21 @@ pub trait StateBackend: Send + Sync + 'static {
         false
     }
 
-    /// A number that grows every time the backend is opened. The runtime builds its log
-    /// sequence numbers on it, so entries written after a restart sort after (and never
-    /// collide with) entries left from before. Default: 0 (volatile backends).
-    fn incarnation(&self) -> u64 {
-        0
+    /// A number that grows with every call, durably: the runtime takes one per build
+    /// and builds its log sequence numbers on it, so entries written by a later run
+    /// sort after (and never collide with) entries left by an earlier one, also when
+    /// the same backend value is used for several runs. Default: 0 (volatile
+    /// backends, whose logs do not outlive the run).
+    fn next_incarnation(&self) -> Result<u64, Error> {
+        Ok(0)
+    }
+
+    /// Checks that the stored state was written with `partitions` partitions (and
+    /// records the count if nothing was stored yet). A durable backend must refuse a
+    /// different count: the inboxes and timers on disk are keyed by partition.
+    /// Default: accepts any count.
+    fn check_partitions(&self, _partitions: u32) -> Result<(), Error> {
+        Ok(())
     }
 }
 

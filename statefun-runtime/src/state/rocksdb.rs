@@ -29,6 +29,7 @@ const VALUE_FORMAT: u8 = 1;
 const FLAG_EXPIRES: u8 = 0x01;
 const META_FORMAT_KEY: &[u8] = b"\x00format";
 const META_INCARNATION_KEY: &[u8] = b"\x00incarnation";
+const META_PARTITIONS_KEY: &[u8] = b"\x00partitions";
 
 /// Maps a RocksDB error to ours: whether a retry can help, and where it happened.
 fn map_err(path: &Path, what: &str, e: rocksdb::Error) -> Error {
@@ -155,7 +156,8 @@ pub struct RocksDbBackend {
     db: Arc<rocksdb::DB>,
     path: Arc<PathBuf>,
     options: RocksDbOptions,
-    incarnation: u64,
+    /// The last incarnation handed out (and stored).
+    incarnation: Arc<std::sync::Mutex<u64>>,
 }
 
 impl std::fmt::Debug for RocksDbBackend {
@@ -188,12 +190,11 @@ impl RocksDbBackend {
                 )));
             }
         }
-        // Count this opening, durably, before anything is written under it.
         let incarnation = match db
             .get(META_INCARNATION_KEY)
             .map_err(|e| map_err(&path, "read incarnation", e))?
         {
-            None => 1,
+            None => 0,
             Some(v) => {
                 let b: [u8; 8] = v.as_slice().try_into().map_err(|_| {
                     Error::Permanent(format!(
@@ -201,18 +202,14 @@ impl RocksDbBackend {
                         path.display()
                     ))
                 })?;
-                u64::from_be_bytes(b) + 1
+                u64::from_be_bytes(b)
             }
         };
-        let mut sync = rocksdb::WriteOptions::default();
-        sync.set_sync(true);
-        db.put_opt(META_INCARNATION_KEY, incarnation.to_be_bytes(), &sync)
-            .map_err(|e| map_err(&path, "write incarnation", e))?;
         Ok(RocksDbBackend {
             db: Arc::new(db),
             path: Arc::new(path),
             options,
-            incarnation,
+            incarnation: Arc::new(std::sync::Mutex::new(incarnation)),
         })
     }
 
@@ -255,8 +252,40 @@ impl StateBackend for RocksDbBackend {
         true
     }
 
-    fn incarnation(&self) -> u64 {
-        self.incarnation
+    fn next_incarnation(&self) -> Result<u64, Error> {
+        let mut last = self.incarnation.lock().expect("incarnation lock");
+        let next = *last + 1;
+        let mut sync = rocksdb::WriteOptions::default();
+        sync.set_sync(true);
+        self.db
+            .put_opt(META_INCARNATION_KEY, next.to_be_bytes(), &sync)
+            .map_err(|e| map_err(&self.path, "write incarnation", e))?;
+        *last = next;
+        Ok(next)
+    }
+
+    fn check_partitions(&self, partitions: u32) -> Result<(), Error> {
+        match self
+            .db
+            .get(META_PARTITIONS_KEY)
+            .map_err(|e| map_err(&self.path, "read partition count", e))?
+        {
+            None => self
+                .db
+                .put(META_PARTITIONS_KEY, partitions.to_be_bytes())
+                .map_err(|e| map_err(&self.path, "write partition count", e)),
+            Some(v) if v.as_slice() == partitions.to_be_bytes() => Ok(()),
+            Some(v) => {
+                let stored = <[u8; 4]>::try_from(v.as_slice()).map(u32::from_be_bytes);
+                Err(Error::Permanent(format!(
+                    "state at {} was written with {} partitions; this configuration has {partitions}. \
+                     The partition count of a database is fixed: set `partitions` back, or start from an \
+                     empty database (see docs/operations.md)",
+                    self.path.display(),
+                    stored.map_or_else(|_| "an unreadable number of".to_owned(), |n| n.to_string()),
+                )))
+            }
+        }
     }
 
     fn checkpoint(&self) -> Result<Option<super::CheckpointInfo>, Error> {
@@ -425,14 +454,10 @@ mod tests {
         })
         .unwrap();
         let count = || b.db.iterator(rocksdb::IteratorMode::Start).count();
-        assert_eq!(
-            count(),
-            6,
-            "3 values, 1 progress marker, format and incarnation markers"
-        );
+        assert_eq!(count(), 5, "3 values, 1 progress marker, 1 format marker");
         b.db.flush().unwrap();
         b.db.compact_range::<&[u8], &[u8]>(None, None);
-        assert_eq!(count(), 5, "only the expired value is gone");
+        assert_eq!(count(), 4, "only the expired value is gone");
         assert!(s.get(&a, "expired").unwrap().is_none());
         assert!(s.get(&a, "later").unwrap().is_some());
         assert_eq!(s.progress("src").unwrap(), Some(1));
