@@ -11,6 +11,14 @@ cargo fmt --all -- --check
 step "dependency rule: statefun-sdk opens no sockets and no files"
 scripts/check-sdk-deps.sh
 
+step "Kafka-protocol test broker (scripts/broker; set STATEFUN_KAFKA_BOOTSTRAP to use your own)"
+if [[ -z "${STATEFUN_KAFKA_BOOTSTRAP:-}" ]]; then
+  STATEFUN_KAFKA_BOOTSTRAP="$(scripts/broker start)"
+  export STATEFUN_KAFKA_BOOTSTRAP
+  trap 'scripts/broker stop' EXIT
+fi
+echo "broker at $STATEFUN_KAFKA_BOOTSTRAP"
+
 step "doc tests"
 cargo test --locked --workspace --doc
 

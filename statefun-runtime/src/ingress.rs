@@ -143,6 +143,16 @@ pub struct IngressSink {
     name: Arc<str>,
     router: Arc<dyn Router>,
     shared: Arc<Shared>,
+    delivered: Arc<std::sync::Mutex<std::collections::HashMap<String, Delivered>>>,
+}
+
+/// What this run delivered from one source partition.
+#[derive(Debug, Default)]
+struct Delivered {
+    /// Highest offset delivered (routed or dead-lettered).
+    max: Option<u64>,
+    /// Per runtime partition: (first, last) offset sent to it in this run.
+    sent: std::collections::HashMap<crate::PartitionId, (u64, u64)>,
 }
 
 impl std::fmt::Debug for IngressSink {
@@ -153,13 +163,71 @@ impl std::fmt::Debug for IngressSink {
 
 impl IngressSink {
     pub(crate) fn new(name: Arc<str>, router: Arc<dyn Router>, shared: Arc<Shared>) -> IngressSink {
-        IngressSink { name, router, shared }
+        IngressSink {
+            name,
+            router,
+            shared,
+            delivered: Default::default(),
+        }
     }
 
     /// Routes `record` and waits until its partition has room for it. Records that
     /// cannot be routed are dead-lettered (and `Ok` is returned: the source goes on).
     /// `Err(Closed)` means the runtime is stopping; the source should stop too.
     pub async fn deliver(&self, record: IngressRecord) -> Result<(), Closed> {
+        let source = record.position.as_ref().and_then(|p| {
+            let offset = u64::try_from(p.offset).ok()?;
+            Some((source_name(&p.topic, p.partition), offset))
+        });
+        let result = self.route_and_submit(record).await;
+        if let (Ok(sent_to), Some((name, offset))) = (&result, source) {
+            let mut d = self.delivered.lock().expect("delivered lock");
+            let e = d.entry(name).or_default();
+            e.max = Some(e.max.map_or(offset, |m| m.max(offset)));
+            if let Some(q) = sent_to {
+                let slot = e.sent.entry(*q).or_insert((offset, offset));
+                slot.1 = offset;
+            }
+        }
+        result.map(|_| ())
+    }
+
+    /// The offset of `topic`/`partition` up to which every record this sink delivered
+    /// **in this run** is durably accepted by the runtime: what a source with its own
+    /// offset store (a Kafka consumer group) may commit. `None` when nothing can be
+    /// committed yet. With a volatile backend: the highest offset delivered.
+    ///
+    /// A runtime partition that was sent records and has not stored progress up to the
+    /// last of them may still hold the rest in its queue: the offset stops below the
+    /// first of those. Records that were dead-lettered do not hold it back.
+    pub fn acknowledged_offset(&self, topic: &str, partition: i32) -> Result<Option<i64>, crate::state::Error> {
+        let name = source_name(topic, partition);
+        let (max, sent) = {
+            let d = self.delivered.lock().expect("delivered lock");
+            match d.get(&name) {
+                None => return Ok(None),
+                Some(e) => (e.max, e.sent.clone()),
+            }
+        };
+        let Some(max) = max else { return Ok(None) };
+        if !self.durable() {
+            return Ok(i64::try_from(max).ok());
+        }
+        let mut upto = max;
+        for (q, (first, last)) in sent {
+            let stored = self.shared.backend.open_partition(q)?.progress(&name)?;
+            let bound = match stored {
+                Some(p) if p >= last => continue,
+                Some(p) => p,
+                None if first == 0 => return Ok(None),
+                None => first - 1,
+            };
+            upto = upto.min(bound);
+        }
+        Ok(i64::try_from(upto).ok())
+    }
+
+    async fn route_and_submit(&self, record: IngressRecord) -> Result<Option<crate::PartitionId>, Closed> {
         let routed = match self.router.route(&record) {
             Ok(r) => r,
             Err(e) => {
@@ -173,7 +241,7 @@ impl IngressSink {
                     message: None,
                     record: Some(record),
                 });
-                return Ok(());
+                return Ok(None);
             }
         };
         let position = record.position.as_ref().and_then(|p| {
@@ -187,8 +255,9 @@ impl IngressSink {
             inbox: None,
             position,
         };
+        let q = self.shared.partition_of(&env.target);
         match self.shared.submit(env).await {
-            Ok(()) => Ok(()),
+            Ok(()) => Ok(Some(q)),
             Err(SubmitError::UnknownFunctionType(env)) => {
                 self.shared.dead_letter(DeadLetter {
                     reason: DeadLetterReason::UnknownFunctionType(env.target.type_name().clone()),
@@ -197,7 +266,7 @@ impl IngressSink {
                     message: Some(env.message),
                     record: Some(record),
                 });
-                Ok(())
+                Ok(None)
             }
             Err(SubmitError::ShuttingDown) => Err(Closed),
         }
@@ -210,6 +279,13 @@ fn source_name(topic: &str, partition: i32) -> String {
 }
 
 impl IngressSink {
+    /// Whether the runtime's state backend is durable (see
+    /// [`StateBackend::durable`](crate::state::StateBackend::durable)): only then does
+    /// [`IngressSink::committed_offset`] know anything.
+    pub fn durable(&self) -> bool {
+        self.shared.backend.durable()
+    }
+
     /// The offset of `topic`/`partition` up to which every record is durably accepted
     /// by the runtime (in the inbox of its partition, or processed): a replayable source
     /// resumes after it. `None` when nothing is known to be accepted (start from the

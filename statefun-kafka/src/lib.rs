@@ -1,0 +1,401 @@
+//! Kafka for statefun-rs: an ingress that consumes topics, an egress that produces to a
+//! topic, and a dead-letter sink that writes to a dead-letter topic (rdkafka).
+//!
+//! Why it exists: Kafka is the production transport the runtime is built for. This
+//! crate is the first slice of it (issue 4): one runtime instance consumes and produces.
+//! What it promises today:
+//! * [`KafkaIngress`] consumes with a consumer group and never commits an offset past
+//!   what the runtime has durably accepted: with a durable state backend it commits
+//!   [`IngressSink::acknowledged_offset`] + 1, so after a crash the group resumes at or
+//!   before the first record not yet in an inbox, and the runtime's partitions skip the
+//!   records they already accepted. Processing is exactly-once for one instance. With a
+//!   volatile backend it commits what it has delivered.
+//! * [`KafkaEgress`] produces each egress record with the record id in a header
+//!   (`statefun-egress-id`), so a consumer can drop the records handed over twice after
+//!   a crash: at-least-once with an id. Transactions (exactly-once across instances)
+//!   are the rest of issue 4.
+//! * [`KafkaDeadLetters`] produces every dead letter to a topic, with headers naming
+//!   the reason and, for ingress records, the source topic, partition and offset.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use statefun_runtime::egress::{DeadLetter, DeadLetterSink, Egress, EgressRecord, Error as EgressError};
+use statefun_runtime::ingress::{Error as IngressError, Ingress, IngressRecord, IngressSink, SourcePosition};
+use tokio_util::sync::CancellationToken;
+
+/// Header carrying an egress record's id (see `EgressRecord::id`).
+pub const EGRESS_ID_HEADER: &str = "statefun-egress-id";
+/// Header carrying the type name of an egress record's value.
+pub const TYPE_HEADER: &str = "statefun-type";
+
+/// Where a consumer group without committed offsets starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StartPosition {
+    /// The earliest offset still in the topic.
+    #[default]
+    Earliest,
+    /// Only records produced from now on.
+    Latest,
+}
+
+/// Configuration of a [`KafkaIngress`].
+#[derive(Debug, Clone)]
+pub struct KafkaIngressConfig {
+    /// `bootstrap.servers`.
+    pub bootstrap_servers: String,
+    /// The consumer group.
+    pub group_id: String,
+    /// Topics to consume; route them with a router that looks at
+    /// `IngressRecord::position`.
+    pub topics: Vec<String>,
+    /// Start position when the group has no committed offset.
+    pub start: StartPosition,
+    /// How often offsets are committed. Default 200 ms.
+    pub commit_interval: Duration,
+    /// Further librdkafka consumer properties.
+    pub properties: Vec<(String, String)>,
+}
+
+impl KafkaIngressConfig {
+    /// A config with the defaults: earliest start, commits every 200 ms.
+    pub fn new(bootstrap_servers: impl Into<String>, group_id: impl Into<String>, topics: Vec<String>) -> Self {
+        KafkaIngressConfig {
+            bootstrap_servers: bootstrap_servers.into(),
+            group_id: group_id.into(),
+            topics,
+            start: StartPosition::Earliest,
+            commit_interval: Duration::from_millis(200),
+            properties: Vec::new(),
+        }
+    }
+}
+
+/// Why a Kafka component could not be created.
+#[derive(Debug, thiserror::Error)]
+#[error("kafka {what}: {source}")]
+pub struct Error {
+    what: &'static str,
+    #[source]
+    source: rdkafka::error::KafkaError,
+}
+
+/// Consumes Kafka topics into the runtime (see the crate docs for what it commits).
+pub struct KafkaIngress {
+    name: String,
+    consumer: StreamConsumer,
+    config: KafkaIngressConfig,
+}
+
+impl std::fmt::Debug for KafkaIngress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaIngress").field("name", &self.name).finish()
+    }
+}
+
+impl KafkaIngress {
+    /// Creates the consumer and subscribes to the topics.
+    pub fn new(name: impl Into<String>, config: KafkaIngressConfig) -> Result<KafkaIngress, Error> {
+        let mut cc = ClientConfig::new();
+        cc.set("bootstrap.servers", &config.bootstrap_servers)
+            .set("group.id", &config.group_id)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set(
+                "auto.offset.reset",
+                match config.start {
+                    StartPosition::Earliest => "earliest",
+                    StartPosition::Latest => "latest",
+                },
+            );
+        for (k, v) in &config.properties {
+            cc.set(k, v);
+        }
+        let consumer: StreamConsumer = cc.create().map_err(|source| Error {
+            what: "cannot create consumer",
+            source,
+        })?;
+        let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
+        consumer.subscribe(&topics).map_err(|source| Error {
+            what: "cannot subscribe",
+            source,
+        })?;
+        Ok(KafkaIngress {
+            name: name.into(),
+            consumer,
+            config,
+        })
+    }
+
+    /// Commits, per partition delivered so far, the offset after the last record the
+    /// runtime holds durably (or after the last delivered one, for a volatile backend).
+    fn commit(&self, sink: &IngressSink, delivered: &std::collections::BTreeMap<(String, i32), i64>) {
+        let mut list = TopicPartitionList::new();
+        for ((topic, partition), last) in delivered {
+            let upto = match sink.acknowledged_offset(topic, *partition) {
+                Ok(Some(o)) => o.min(*last),
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::warn!(ingress = %self.name, error = %e, "cannot read committed offsets; not committing");
+                    return;
+                }
+            };
+            if let Err(e) = list.add_partition_offset(topic, *partition, Offset::Offset(upto + 1)) {
+                tracing::warn!(ingress = %self.name, error = %e, "cannot build the offset list");
+                return;
+            }
+        }
+        if list.count() > 0
+            && let Err(e) = self.consumer.commit(&list, CommitMode::Async)
+        {
+            tracing::warn!(ingress = %self.name, error = %e, "offset commit failed; will retry");
+        }
+    }
+}
+
+fn record_of(m: &rdkafka::message::BorrowedMessage<'_>, topic: &Arc<str>) -> IngressRecord {
+    let headers = m
+        .headers()
+        .map(|hs| {
+            hs.iter()
+                .map(|h| {
+                    (
+                        h.key.to_owned(),
+                        h.value.map(Bytes::copy_from_slice).unwrap_or_default(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    IngressRecord {
+        key: m.key().map(Bytes::copy_from_slice),
+        value: m.payload().map(Bytes::copy_from_slice),
+        headers,
+        timestamp_ms: m.timestamp().to_millis(),
+        position: Some(SourcePosition {
+            topic: Arc::clone(topic),
+            partition: m.partition(),
+            offset: m.offset(),
+        }),
+    }
+}
+
+#[async_trait::async_trait]
+impl Ingress for KafkaIngress {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn run(self: Box<Self>, sink: IngressSink, shutdown: CancellationToken) -> Result<(), IngressError> {
+        let mut delivered: std::collections::BTreeMap<(String, i32), i64> = Default::default();
+        let mut topics: std::collections::HashMap<String, Arc<str>> = Default::default();
+        let mut tick = tokio::time::interval(self.config.commit_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let message = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tick.tick() => {
+                    self.commit(&sink, &delivered);
+                    continue;
+                }
+                m = self.consumer.recv() => m,
+            };
+            let m = match message {
+                Ok(m) => m,
+                Err(e) => {
+                    // librdkafka reconnects by itself; a broker that went away shows up
+                    // here and the consumer keeps trying.
+                    tracing::warn!(ingress = %self.name, error = %e, "kafka consumer error");
+                    continue;
+                }
+            };
+            let topic = topics
+                .entry(m.topic().to_owned())
+                .or_insert_with(|| Arc::from(m.topic()))
+                .clone();
+            let record = record_of(&m, &topic);
+            let key = (m.topic().to_owned(), m.partition());
+            let offset = m.offset();
+            drop(m);
+            if sink.deliver(record).await.is_err() {
+                break;
+            }
+            delivered.insert(key, offset);
+        }
+        self.commit(&sink, &delivered);
+        Ok(())
+    }
+}
+
+fn producer(
+    bootstrap_servers: &str,
+    properties: &[(String, String)],
+) -> Result<ThreadedProducer<DefaultProducerContext>, Error> {
+    let mut cc = ClientConfig::new();
+    cc.set("bootstrap.servers", bootstrap_servers)
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5");
+    for (k, v) in properties {
+        cc.set(k, v);
+    }
+    cc.create().map_err(|source| Error {
+        what: "cannot create producer",
+        source,
+    })
+}
+
+/// Produces egress records to one topic: key = the producing address's id, value = the
+/// record's bytes, headers = its id and type name.
+pub struct KafkaEgress {
+    topic: String,
+    producer: ThreadedProducer<DefaultProducerContext>,
+}
+
+impl std::fmt::Debug for KafkaEgress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaEgress").field("topic", &self.topic).finish()
+    }
+}
+
+impl KafkaEgress {
+    /// An egress to `topic` (idempotent producer, `linger.ms` 5; `properties` override).
+    pub fn new(
+        bootstrap_servers: &str,
+        topic: impl Into<String>,
+        properties: &[(String, String)],
+    ) -> Result<KafkaEgress, Error> {
+        Ok(KafkaEgress {
+            topic: topic.into(),
+            producer: producer(bootstrap_servers, properties)?,
+        })
+    }
+
+    /// Waits until every record handed over so far is acknowledged (or `timeout`).
+    pub fn flush(&self, timeout: Duration) -> Result<(), Error> {
+        self.producer.flush(timeout).map_err(|source| Error {
+            what: "flush failed",
+            source,
+        })
+    }
+}
+
+impl Egress for KafkaEgress {
+    fn send(&self, record: EgressRecord) -> Result<(), EgressError> {
+        let id = record.id.map(|i| i.to_string());
+        let mut headers = OwnedHeaders::new().insert(Header {
+            key: TYPE_HEADER,
+            value: Some(record.message.type_name().as_str()),
+        });
+        if let Some(id) = &id {
+            headers = headers.insert(Header {
+                key: EGRESS_ID_HEADER,
+                value: Some(id.as_str()),
+            });
+        }
+        let value = record.message.bytes().map(|b| b.as_ref());
+        let mut r = BaseRecord::<str, [u8]>::to(&self.topic)
+            .key(record.source.id())
+            .headers(headers);
+        if let Some(v) = value {
+            r = r.payload(v);
+        }
+        self.producer
+            .send(r)
+            .map_err(|(e, _)| EgressError::Rejected(format!("kafka producer refused the record: {e}")))
+    }
+}
+
+/// Produces dead letters to a topic. Value: the record's or message's bytes; key: the
+/// record's key or the target id; headers: `statefun-dead-letter-reason`, and for
+/// ingress records `statefun-source-topic`, `-partition`, `-offset`.
+pub struct KafkaDeadLetters {
+    topic: String,
+    producer: ThreadedProducer<DefaultProducerContext>,
+}
+
+impl std::fmt::Debug for KafkaDeadLetters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaDeadLetters").field("topic", &self.topic).finish()
+    }
+}
+
+impl KafkaDeadLetters {
+    /// A dead-letter sink producing to `topic`.
+    pub fn new(bootstrap_servers: &str, topic: impl Into<String>) -> Result<KafkaDeadLetters, Error> {
+        Ok(KafkaDeadLetters {
+            topic: topic.into(),
+            producer: producer(bootstrap_servers, &[])?,
+        })
+    }
+
+    /// Waits until every dead letter handed over so far is acknowledged.
+    pub fn flush(&self, timeout: Duration) -> Result<(), Error> {
+        self.producer.flush(timeout).map_err(|source| Error {
+            what: "flush failed",
+            source,
+        })
+    }
+}
+
+impl DeadLetterSink for KafkaDeadLetters {
+    fn send(&self, d: DeadLetter) {
+        let reason = d.reason.to_string();
+        let mut headers = OwnedHeaders::new().insert(Header {
+            key: "statefun-dead-letter-reason",
+            value: Some(reason.as_str()),
+        });
+        let target = d.target.as_ref().map(|t| t.to_string());
+        if let Some(t) = &target {
+            headers = headers.insert(Header {
+                key: "statefun-target",
+                value: Some(t.as_str()),
+            });
+        }
+        let position = d.record.as_ref().and_then(|r| r.position.clone());
+        let (p, o) = position
+            .as_ref()
+            .map(|p| (p.partition.to_string(), p.offset.to_string()))
+            .unwrap_or_default();
+        if let Some(pos) = &position {
+            headers = headers
+                .insert(Header {
+                    key: "statefun-source-topic",
+                    value: Some(&*pos.topic),
+                })
+                .insert(Header {
+                    key: "statefun-source-partition",
+                    value: Some(p.as_str()),
+                })
+                .insert(Header {
+                    key: "statefun-source-offset",
+                    value: Some(o.as_str()),
+                });
+        }
+        let key: Option<Bytes> = d
+            .record
+            .as_ref()
+            .and_then(|r| r.key.clone())
+            .or_else(|| d.target.as_ref().map(|t| Bytes::copy_from_slice(t.id().as_bytes())));
+        let value: Option<Bytes> = d
+            .record
+            .as_ref()
+            .and_then(|r| r.value.clone())
+            .or_else(|| d.message.as_ref().and_then(|m| m.bytes().cloned()));
+        let mut r = BaseRecord::<[u8], [u8]>::to(&self.topic).headers(headers);
+        if let Some(k) = &key {
+            r = r.key(k.as_ref());
+        }
+        if let Some(v) = &value {
+            r = r.payload(v.as_ref());
+        }
+        if let Err((e, _)) = self.producer.send(r) {
+            tracing::error!(error = %e, reason = %reason, "cannot produce a dead letter; logged instead");
+        }
+    }
+}
