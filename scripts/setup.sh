@@ -11,8 +11,9 @@ if ! command -v cargo >/dev/null 2>&1; then
 fi
 
 # System packages the build needs (C toolchain for crates that compile C code).
-# libclang-dev: bindgen for librocksdb-sys.
-APT_PACKAGES=(make gcc g++ pkg-config libclang-dev)
+# libclang-dev: bindgen for librocksdb-sys. zlib1g-dev: librdkafka. python3, python3-venv:
+# the pinned Kafka-protocol test broker (scripts/broker installs it into a virtualenv).
+APT_PACKAGES=(make gcc g++ pkg-config libclang-dev zlib1g-dev python3 python3-venv)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -38,3 +39,6 @@ if ! cargo nextest --version >/dev/null 2>&1; then
   log "installing cargo-nextest (one-time, a few minutes)"
   cargo install --locked cargo-nextest
 fi
+
+# The test broker (pinned noida-db in a virtualenv); quick when already installed.
+"$(dirname "$0")/broker" install
