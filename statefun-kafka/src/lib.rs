@@ -16,6 +16,9 @@
 //!   are the rest of issue 4.
 //! * [`KafkaDeadLetters`] produces every dead letter to a topic, with headers naming
 //!   the reason and, for ingress records, the source topic, partition and offset.
+//! * [`RecordRouter`] hands the whole record to the function as a [`KafkaRecord`]
+//!   message (key, value, headers, timestamp, topic, partition, offset), with the key
+//!   as the function id. `statefun_runtime::KeyRouter` passes only the value.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,6 +32,94 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use statefun_runtime::egress::{DeadLetter, DeadLetterSink, Egress, EgressRecord, Error as EgressError};
 use statefun_runtime::ingress::{Error as IngressError, Ingress, IngressRecord, IngressSink, SourcePosition};
 use tokio_util::sync::CancellationToken;
+
+/// A Kafka record as a message to a function (what [`RecordRouter`] delivers).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct KafkaRecord {
+    /// Source topic.
+    #[prost(string, tag = "1")]
+    pub topic: String,
+    /// Source partition.
+    #[prost(int32, tag = "2")]
+    pub partition: i32,
+    /// Offset in the partition.
+    #[prost(int64, tag = "3")]
+    pub offset: i64,
+    /// The record key.
+    #[prost(bytes = "bytes", optional, tag = "4")]
+    pub key: Option<Bytes>,
+    /// The record value.
+    #[prost(bytes = "bytes", optional, tag = "5")]
+    pub value: Option<Bytes>,
+    /// The record timestamp, milliseconds since the Unix epoch.
+    #[prost(int64, optional, tag = "6")]
+    pub timestamp_ms: Option<i64>,
+    /// The headers, in order.
+    #[prost(message, repeated, tag = "7")]
+    pub headers: Vec<KafkaHeader>,
+}
+statefun_sdk::protobuf_type!(KafkaRecord, "io.statefun-rs.kafka/record");
+
+impl KafkaRecord {
+    /// The value of the first header named `key`.
+    pub fn header(&self, key: &str) -> Option<&Bytes> {
+        self.headers.iter().find(|h| h.key == key).map(|h| &h.value)
+    }
+}
+
+/// One record header.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct KafkaHeader {
+    /// Header name.
+    #[prost(string, tag = "1")]
+    pub key: String,
+    /// Header value.
+    #[prost(bytes = "bytes", tag = "2")]
+    pub value: Bytes,
+}
+
+/// Routes a record to `target` with id = the record key (UTF-8, not empty), and the
+/// whole record as a [`KafkaRecord`] message. A record without a usable key is
+/// refused (and dead-lettered by the runtime).
+#[derive(Debug, Clone)]
+pub struct RecordRouter {
+    target: statefun_sdk::TypeName,
+}
+
+impl RecordRouter {
+    /// Routes to functions of type `target`.
+    pub fn new(target: statefun_sdk::TypeName) -> RecordRouter {
+        RecordRouter { target }
+    }
+}
+
+impl statefun_runtime::ingress::Router for RecordRouter {
+    fn route(&self, r: &IngressRecord) -> Result<statefun_runtime::Routed, statefun_runtime::ingress::RouteError> {
+        use statefun_runtime::ingress::RouteError;
+        let key = r.key.as_ref().ok_or_else(|| RouteError("record has no key".into()))?;
+        let id = std::str::from_utf8(key).map_err(|_| RouteError("record key is not UTF-8".into()))?;
+        let target = statefun_sdk::Address::new(self.target.clone(), id).map_err(|e| RouteError(e.to_string()))?;
+        let position = r.position.as_ref();
+        let record = KafkaRecord {
+            topic: position.map(|p| p.topic.to_string()).unwrap_or_default(),
+            partition: position.map_or(-1, |p| p.partition),
+            offset: position.map_or(-1, |p| p.offset),
+            key: r.key.clone(),
+            value: r.value.clone(),
+            timestamp_ms: r.timestamp_ms,
+            headers: r
+                .headers
+                .iter()
+                .map(|(k, v)| KafkaHeader {
+                    key: k.clone(),
+                    value: v.clone(),
+                })
+                .collect(),
+        };
+        let message = statefun_sdk::TypedValue::of(&record).map_err(|e| RouteError(e.to_string()))?;
+        Ok(statefun_runtime::Routed { target, message })
+    }
+}
 
 /// Header carrying an egress record's id (see `EgressRecord::id`).
 pub const EGRESS_ID_HEADER: &str = "statefun-egress-id";

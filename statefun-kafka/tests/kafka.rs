@@ -4,7 +4,8 @@
 //! the admin API, so runs never see each other's data.
 //! Proves: records produced by a plain Kafka client reach the functions (key as id,
 //! value, headers, timestamp) and every one of them comes out on the egress topic
-//! exactly once by record id; bad records (null key) go to the dead-letter topic with
+//! exactly once by record id; with `RecordRouter` the function gets the whole record
+//! (key, headers, timestamp, position); bad records (null key) go to the dead-letter topic with
 //! headers naming the source topic, partition and offset, while the good ones flow;
 //! the consumer group's committed offsets never pass what the runtime holds durably.
 
@@ -17,7 +18,9 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use statefun_kafka::{EGRESS_ID_HEADER, KafkaDeadLetters, KafkaEgress, KafkaIngress, KafkaIngressConfig};
+use statefun_kafka::{
+    EGRESS_ID_HEADER, KafkaDeadLetters, KafkaEgress, KafkaIngress, KafkaIngressConfig, KafkaRecord, RecordRouter,
+};
 use statefun_runtime::state::{RocksDbBackend, RocksDbOptions};
 use statefun_runtime::{KeyRouter, Runtime, RuntimeConfig};
 use statefun_sdk::prelude::*;
@@ -224,4 +227,90 @@ async fn records_flow_from_an_input_topic_to_the_egress_topic_and_bad_ones_to_th
         })
         .sum();
     assert!(total > 0 && total <= 123, "committed offsets sum to {total}");
+}
+
+const META: ValueSpec<String> = ValueSpec::named("meta");
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_headers_timestamp_and_position_reach_the_function() {
+    let input = unique("meta-in");
+    create_topics(&[&input], 1).await;
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .create()
+        .unwrap();
+    let headers = OwnedHeaders::new().insert(Header {
+        key: "store",
+        value: Some("berlin-7"),
+    });
+    // A recent timestamp: an old one may fall outside the broker's retention.
+    let ts = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+        - 5_000;
+    producer
+        .send(
+            FutureRecord::<str, str>::to(&input)
+                .key("basket-1")
+                .payload("scan")
+                .timestamp(ts)
+                .headers(headers),
+            Duration::from_secs(5),
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
+
+    let module = Module::builder()
+        .with_fn(FunctionSpec::new(COUNTER).with_state(META), |ctx, msg| {
+            let r: KafkaRecord = msg.decode()?;
+            let store = r.header("store").map(|v| String::from_utf8_lossy(v).into_owned());
+            let meta = format!(
+                "{}|{:?}|{:?}|{}|{}|{}",
+                ctx.self_address().id(),
+                store,
+                r.timestamp_ms,
+                r.partition,
+                r.offset,
+                String::from_utf8_lossy(r.value.as_deref().unwrap_or_default())
+            );
+            ctx.storage().set(&META, &meta)?;
+            Ok(())
+        })
+        .build()
+        .unwrap();
+    let dead = statefun_runtime::CollectingDeadLetters::new();
+    let runtime = Runtime::builder()
+        .module(module)
+        .dead_letters(dead.clone())
+        .ingress(
+            KafkaIngress::new(
+                "meta",
+                KafkaIngressConfig::new(bootstrap(), unique("g"), vec![input.clone()]),
+            )
+            .unwrap(),
+            RecordRouter::new(COUNTER),
+        )
+        .build()
+        .unwrap();
+    let h = runtime.handle();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(runtime.run(stop.clone().cancelled_owned()));
+    let a = Address::new(COUNTER, "basket-1").unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let meta = loop {
+        if let Some(m) = h.state(&a, &META).await.unwrap() {
+            break m;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the record never arrived; dead letters: {:?}",
+            dead.letters()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(meta, format!("basket-1|Some(\"berlin-7\")|Some({ts})|0|0|scan"));
+    stop.cancel();
+    task.await.unwrap().unwrap();
 }
