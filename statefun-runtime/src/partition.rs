@@ -137,6 +137,8 @@ struct Completion {
     /// Expired values whose notice this batch delivered: deleted in its commit unless
     /// the function wrote them again.
     expired: Vec<Arc<str>>,
+    /// The function declares state with expiry notices.
+    notify: bool,
     outcome: Result<(Effects, Touched), Failure>,
 }
 
@@ -179,9 +181,6 @@ pub(crate) struct Partition {
     recovered: Vec<Envelope>,
     recovered_timers: Vec<(LogKey, StoredTimer)>,
     recovered_egress: Vec<(LogKey, EgressRecord)>,
-    /// Reused by `log_effects` to return keys without allocating when unused.
-    scratch_timer_keys: Vec<Option<LogKey>>,
-    scratch_egress_keys: Vec<Option<LogKey>>,
 }
 
 fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
@@ -205,64 +204,90 @@ fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
     }
 }
 
+/// Invokes the function with one message, turning an error or a panic into its text.
+async fn invoke_one(
+    function: &Arc<dyn StatefulFunction>,
+    ctx: &mut Context,
+    message: TypedValue,
+) -> Result<(), String> {
+    match AssertUnwindSafe(function.invoke(ctx, message)).catch_unwind().await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(error_chain(&*e)),
+        Err(p) => Err(panic_message(&*p)),
+    }
+}
+
+/// What `Partition::log_effects` put in a commit's batch, for after the write.
+#[derive(Default)]
+struct Logged {
+    /// The deferred deletions it took: put back if the write fails.
+    deferred: Vec<LogOp>,
+    /// Durable key of each delayed send, in order.
+    timer_keys: Vec<Option<LogKey>>,
+    /// Durable key of each egress record, in order (`None` for an unknown egress).
+    egress_keys: Vec<Option<LogKey>>,
+}
+
+/// What a batch needs to know of its function's state declarations.
+#[derive(Debug, Clone, Copy)]
+struct FunctionFlags {
+    /// Some state expires after call: refresh it after the batch.
+    after_call: bool,
+    /// Some state asks for expiry notices.
+    notify: bool,
+}
+
 /// True for the timer message that triggers an expiry check (see `Partition::start`).
 fn is_expiry_trigger(address: &Address, env: &Envelope) -> bool {
-    env.message.type_name() == &<statefun_sdk::Expired as statefun_sdk::ValueType>::TYPE_NAME
-        && env.caller.as_ref() == Some(address)
+    statefun_sdk::Expired::is_notice(&env.message) && env.caller.as_ref() == Some(address)
 }
 
 /// Runs one batch of messages for one address against one context: first the expiry
-/// notices `start` found due, then the batch's messages (expiry triggers skipped).
+/// notices `start` found due, then the batch's messages (expiry triggers skipped; only
+/// a function with `notify_on_expire` state has them).
 async fn invoke_batch(
     function: Arc<Arc<dyn StatefulFunction>>,
     mut ctx: Context,
     address: Address,
     batch: Vec<Envelope>,
     notices: Vec<(Arc<str>, TypedValue)>,
-    has_after_call: bool,
+    flags: FunctionFlags,
 ) -> Completion {
-    let expired: Vec<Arc<str>> = notices.iter().map(|(n, _)| Arc::clone(n)).collect();
-    let notices = notices.into_iter().map(|(_, m)| (Some(address.clone()), m));
-    let messages = batch
-        .iter()
-        .filter(|env| !is_expiry_trigger(&address, env))
-        .map(|env| (env.caller.clone(), env.message.clone()));
-    let skipped_before = |n: usize| {
-        // Index in `batch` of the n-th message invoked from it.
-        batch
-            .iter()
-            .enumerate()
-            .filter(|(_, env)| !is_expiry_trigger(&address, env))
-            .nth(n)
-            .map_or(0, |(i, _)| i)
-    };
-    let n_notices = expired.len();
-    for (k, (caller, message)) in notices.chain(messages).enumerate() {
-        ctx.set_caller(caller);
-        let result = AssertUnwindSafe(function.invoke(&mut ctx, message))
-            .catch_unwind()
-            .await;
-        let error = match result {
-            Ok(Ok(())) => continue,
-            Ok(Err(e)) => error_chain(&*e),
-            Err(p) => panic_message(&*p),
-        };
-        // A failing notice fails the batch from its start; notices are found again
-        // when it is retried.
-        let index = if k < n_notices {
-            0
-        } else {
-            skipped_before(k - n_notices)
-        };
+    let mut expired = Vec::with_capacity(notices.len());
+    let mut failure = None;
+    for (name, notice) in notices {
+        expired.push(name);
+        ctx.set_caller(Some(address.clone()));
+        if let Err(error) = invoke_one(&function, &mut ctx, notice).await {
+            // A failing notice fails the batch from its start; notices are found again
+            // when it is retried.
+            failure = Some(Failure { index: 0, error });
+            break;
+        }
+    }
+    if failure.is_none() {
+        for (index, env) in batch.iter().enumerate() {
+            if flags.notify && is_expiry_trigger(&address, env) {
+                continue;
+            }
+            ctx.set_caller(env.caller.clone());
+            if let Err(error) = invoke_one(&function, &mut ctx, env.message.clone()).await {
+                failure = Some(Failure { index, error });
+                break;
+            }
+        }
+    }
+    if let Some(failure) = failure {
         return Completion {
             address,
             batch,
             expired: Vec::new(),
-            outcome: Err(Failure { index, error }),
+            notify: flags.notify,
+            outcome: Err(failure),
         };
     }
     // AFTER_CALL values are refreshed by every invocation, written or not.
-    let touched = if has_after_call {
+    let touched = if flags.after_call {
         let storage = ctx.storage_ref();
         storage
             .specs()
@@ -277,6 +302,7 @@ async fn invoke_batch(
         address,
         batch,
         expired,
+        notify: flags.notify,
         outcome: Ok((ctx.into_effects(), touched)),
     }
 }
@@ -366,8 +392,6 @@ impl Partition {
             recovered: Vec::new(),
             recovered_timers: Vec::new(),
             recovered_egress: Vec::new(),
-            scratch_timer_keys: Vec::new(),
-            scratch_egress_keys: Vec::new(),
         }
     }
 
@@ -510,11 +534,7 @@ impl Partition {
                     sender: self.id,
                     seq: self.next_seq(),
                 };
-                wb.log.push(LogOp {
-                    partition: self.id,
-                    key,
-                    value: Some(entries::encode_envelope(&env)),
-                });
+                wb.log.push(LogOp::put(self.id, key, entries::encode_envelope(&env)));
                 env.inbox = Some(key);
             }
             keep.push(env);
@@ -704,11 +724,7 @@ impl Partition {
 
     fn dead_letter(&mut self, env: Envelope, reason: DeadLetterReason) {
         if let Some(key) = env.inbox {
-            self.deferred.push(LogOp {
-                partition: self.id,
-                key,
-                value: None,
-            });
+            self.deferred.push(LogOp::delete(self.id, key));
         }
         self.stats.dead_letters += 1;
         self.shared.dead_letter(DeadLetter {
@@ -771,14 +787,7 @@ impl Partition {
                     if spec.notify_on_expire
                         && let Some(last) = expired
                     {
-                        let notice = statefun_sdk::Expired {
-                            state: spec.name.to_string(),
-                            value: TypedValue::from_bytes(spec.type_name.clone(), last),
-                        };
-                        match TypedValue::of(&notice) {
-                            Ok(m) => notices.push((Arc::clone(&spec.name), m)),
-                            Err(e) => tracing::error!(address = %address, error = %e, "cannot encode an expiry notice"),
-                        }
+                        notices.push((Arc::clone(&spec.name), statefun_sdk::Expired::message(spec, last)));
                     }
                     values.push(live);
                 }
@@ -791,6 +800,7 @@ impl Partition {
                         address,
                         batch,
                         expired: Vec::new(),
+                        notify: f.has_notify,
                         outcome: Err(failure),
                     });
                     return;
@@ -802,7 +812,11 @@ impl Partition {
         // (not recursively, so a function sending to itself cannot grow the stack) and
         // hand only the pending ones to FuturesUnordered, which polls them again with a
         // real waker.
-        let mut fut = invoke_batch(f.function, ctx, address, batch, notices, f.has_after_call).boxed();
+        let flags = FunctionFlags {
+            after_call: f.has_after_call,
+            notify: f.has_notify,
+        };
+        let mut fut = invoke_batch(f.function, ctx, address, batch, notices, flags).boxed();
         match fut.as_mut().now_or_never() {
             Some(c) => self.ready.push_back(c),
             None => self.in_flight.push(fut),
@@ -811,7 +825,7 @@ impl Partition {
 
     fn on_complete(&mut self, c: Completion) {
         match c.outcome {
-            Ok((effects, touched)) => self.on_success(c.address, c.batch, effects, touched, c.expired),
+            Ok((effects, touched)) => self.on_success(c.address, c.batch, effects, touched, c.expired, c.notify),
             Err(failure) => self.on_failure(c.address, c.batch, failure),
         }
     }
@@ -831,6 +845,7 @@ impl Partition {
         effects: Effects,
         touched: Vec<(Arc<str>, Bytes)>,
         expired: Vec<Arc<str>>,
+        notify: bool,
     ) {
         let n = batch.len();
         let Effects {
@@ -839,7 +854,7 @@ impl Partition {
             mut delayed,
             egress,
         } = effects;
-        if self.functions[address.type_name()].has_notify {
+        if notify {
             self.expiry_notices(&address, &mutations, &touched, &mut delayed);
         }
         let mut wb = WriteBatch::default();
@@ -888,14 +903,15 @@ impl Partition {
                 position: None,
             })
             .collect();
-        let mut timer_keys: Vec<Option<LogKey>> = Vec::new();
-        let mut egress_keys: Vec<Option<LogKey>> = Vec::new();
-        let mut deferred = Vec::new();
-        if self.durable {
-            deferred = self.log_effects(&address, &batch, &mut out, &delayed, &egress, &mut wb);
-            timer_keys = std::mem::take(&mut self.scratch_timer_keys);
-            egress_keys = std::mem::take(&mut self.scratch_egress_keys);
-        }
+        let Logged {
+            deferred,
+            timer_keys,
+            egress_keys,
+        } = if self.durable {
+            self.log_effects(&address, &batch, &mut out, &delayed, &egress, &mut wb)
+        } else {
+            Logged::default()
+        };
         if !wb.is_empty()
             && let Err(e) = self.store.write(wb)
         {
@@ -983,31 +999,20 @@ impl Partition {
             let token = statefun_sdk::expiry_token(&spec.name);
             match value {
                 None => delayed.push(DelayedEffect::Cancel { token }),
-                Some(v) => {
-                    let notice = statefun_sdk::Expired {
-                        state: spec.name.to_string(),
-                        value: statefun_sdk::TypedValue::from_bytes(spec.type_name.clone(), v.clone()),
-                    };
-                    match statefun_sdk::TypedValue::of(&notice) {
-                        Ok(message) => delayed.push(DelayedEffect::Send {
-                            delay: ttl,
-                            target: address.clone(),
-                            message,
-                            token: Some(token),
-                        }),
-                        Err(e) => tracing::error!(address = %address, error = %e, "cannot encode an expiry notice"),
-                    }
-                }
+                Some(v) => delayed.push(DelayedEffect::Send {
+                    delay: ttl,
+                    target: address.clone(),
+                    message: statefun_sdk::Expired::message(spec, v.clone()),
+                    token: Some(token),
+                }),
             }
         }
     }
 
     /// Durable mode: adds to `wb` the log entries of a completed batch (inbox deletes of
     /// the processed messages, inbox puts of the outgoing ones, timers, egress records
-    /// and the deferred deletions). Leaves the keys of the timers (one per delayed send,
-    /// in order) and of the egress records (one per record, `None` for an unknown
-    /// egress) in the scratch vectors. Returns the deferred deletions it took, to put
-    /// back if the write fails.
+    /// and the deferred deletions). Returns the keys it gave the timers and egress
+    /// records, and the deferred deletions it took (to put back if the write fails).
     fn log_effects(
         &mut self,
         address: &Address,
@@ -1016,14 +1021,11 @@ impl Partition {
         delayed: &[DelayedEffect],
         egress: &[EgressMessage],
         wb: &mut WriteBatch,
-    ) -> Vec<LogOp> {
+    ) -> Logged {
+        let mut logged = Logged::default();
         for env in batch {
             if let Some(key) = env.inbox {
-                wb.log.push(LogOp {
-                    partition: self.id,
-                    key,
-                    value: None,
-                });
+                wb.log.push(LogOp::delete(self.id, key));
             }
         }
         for env in out.iter_mut() {
@@ -1032,11 +1034,7 @@ impl Partition {
                 sender: self.id,
                 seq: self.next_seq(),
             };
-            wb.log.push(LogOp {
-                partition: receiver,
-                key,
-                value: Some(entries::encode_envelope(env)),
-            });
+            wb.log.push(LogOp::put(receiver, key, entries::encode_envelope(env)));
             env.inbox = Some(key);
         }
         if !delayed.is_empty() {
@@ -1055,11 +1053,7 @@ impl Partition {
                         None => self.timers.durable_key(address, t),
                     };
                     if let Some(k) = old {
-                        wb.log.push(LogOp {
-                            partition: self.id,
-                            key: k,
-                            value: None,
-                        });
+                        wb.log.push(LogOp::delete(self.id, k));
                     }
                 }
                 match d {
@@ -1081,11 +1075,11 @@ impl Partition {
                             inbox: None,
                             position: None,
                         };
-                        wb.log.push(LogOp {
-                            partition: self.id,
+                        wb.log.push(LogOp::put(
+                            self.id,
                             key,
-                            value: Some(entries::encode_timer(address, token.as_deref(), &env)),
-                        });
+                            entries::encode_timer(address, token.as_deref(), &env),
+                        ));
                         keys.push(Some(key));
                         if let Some(t) = token {
                             overlay.push((t.as_str(), Some(key)));
@@ -1094,33 +1088,28 @@ impl Partition {
                     DelayedEffect::Cancel { token } => overlay.push((token.as_str(), None)),
                 }
             }
-            self.scratch_timer_keys = keys;
+            logged.timer_keys = keys;
         }
         if !egress.is_empty() {
             let mut keys = Vec::with_capacity(egress.len());
             for e in egress {
                 if self.shared.egresses.contains_key(&e.egress) {
                     let key = LogKey::Egress { seq: self.next_seq() };
-                    wb.log.push(LogOp {
-                        partition: self.id,
+                    wb.log.push(LogOp::put(
+                        self.id,
                         key,
-                        value: Some(entries::encode_egress(
-                            &e.egress,
-                            address,
-                            &e.message,
-                            self.shared.run_id,
-                        )),
-                    });
+                        entries::encode_egress(&e.egress, address, &e.message, self.shared.run_id),
+                    ));
                     keys.push(Some(key));
                 } else {
                     keys.push(None);
                 }
             }
-            self.scratch_egress_keys = keys;
+            logged.egress_keys = keys;
         }
-        let deferred = std::mem::take(&mut self.deferred);
-        wb.log.extend(deferred.iter().cloned());
-        deferred
+        logged.deferred = std::mem::take(&mut self.deferred);
+        wb.log.extend(logged.deferred.iter().cloned());
+        logged
     }
 
     /// Hands an egress record to its sink. In durable mode `key` is its entry in the
@@ -1133,11 +1122,7 @@ impl Partition {
                 partition: self.id,
                 seq,
             });
-            self.deferred.push(LogOp {
-                partition: self.id,
-                key,
-                value: None,
-            });
+            self.deferred.push(LogOp::delete(self.id, key));
         }
         let reason = match self.shared.egresses.get(&record.egress) {
             None => DeadLetterReason::UnknownEgress(record.egress.clone()),
@@ -1277,20 +1262,16 @@ impl Partition {
                 } => {
                     if let Some(key) = durable {
                         // Move it from the timer log into the receiver's inbox, atomically.
-                        wb.log.push(LogOp {
-                            partition: self.id,
-                            key,
-                            value: None,
-                        });
+                        wb.log.push(LogOp::delete(self.id, key));
                         let inbox = LogKey::Inbox {
                             sender: self.id,
                             seq: self.next_seq(),
                         };
-                        wb.log.push(LogOp {
-                            partition: self.shared.partition_of(&envelope.target),
-                            key: inbox,
-                            value: Some(entries::encode_envelope(&envelope)),
-                        });
+                        wb.log.push(LogOp::put(
+                            self.shared.partition_of(&envelope.target),
+                            inbox,
+                            entries::encode_envelope(&envelope),
+                        ));
                         envelope.inbox = Some(inbox);
                     }
                     fired.push((sender, token, envelope, durable));

@@ -8,34 +8,8 @@ use statefun_runtime::{Runtime, RuntimeConfig, RuntimeHandle};
 use statefun_sdk::prelude::*;
 use tokio_util::sync::CancellationToken;
 
-const TIMER: TypeName = TypeName::from_static("test/timer");
-const FIRED: ValueSpec<i64> = ValueSpec::named("fired");
-const LAST: ValueSpec<String> = ValueSpec::named("last");
-
-fn timer_fn(ctx: &mut Context, msg: Message) -> FunctionResult {
-    let cmd: String = msg.decode()?;
-    let me = ctx.self_address().clone();
-    match cmd.split_once(':') {
-        Some(("arm", payload)) => {
-            ctx.send_after_with_token(Duration::from_secs(10), me, &format!("fire:{payload}"), "t")?;
-        }
-        Some(("arm_other", id)) => {
-            ctx.send_after(
-                Duration::from_secs(5),
-                Address::new(TIMER, id)?,
-                &"fire:remote".to_string(),
-            )?;
-        }
-        Some(("disarm", _)) => ctx.cancel_delayed("t"),
-        Some(("fire", payload)) => {
-            let n = ctx.storage().get(&FIRED)?.unwrap_or(0) + 1;
-            ctx.storage().set(&FIRED, &n)?;
-            ctx.storage().set(&LAST, &payload.to_string())?;
-        }
-        _ => return Err(format!("unknown command {cmd}").into()),
-    }
-    Ok(())
-}
+mod common;
+use common::{FIRED, LAST, TIMER, timer_fn};
 
 fn start() -> (RuntimeHandle, CancellationToken) {
     let module = Module::builder()

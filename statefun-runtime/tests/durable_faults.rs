@@ -17,6 +17,9 @@ use statefun_runtime::{GeneratorIngress, IngressRecord, KeyRouter, PartitionId, 
 use statefun_sdk::prelude::*;
 use tokio_util::sync::CancellationToken;
 
+mod common;
+use common::{COUNTER, SEEN, counter_module};
+
 /// Injected failures.
 #[derive(Clone, Default)]
 struct Faults {
@@ -82,21 +85,8 @@ impl StateBackend for Flaky {
     }
 }
 
-const COUNTER: TypeName = TypeName::from_static("test/counter");
 const RECORD: TypeName = TypeName::from_static("test/record");
-const SEEN: ValueSpec<i64> = ValueSpec::named("seen");
 const KEYS: u64 = 7;
-
-fn module() -> Module {
-    Module::builder()
-        .with_fn(FunctionSpec::new(COUNTER).with_state(SEEN), |ctx, _msg| {
-            let n = ctx.storage().get(&SEEN)?.unwrap_or(0) + 1;
-            ctx.storage().set(&SEEN, &n)?;
-            Ok(())
-        })
-        .build()
-        .unwrap()
-}
 
 /// Runs `count` generator records through a runtime on `dir` with `faults`; returns
 /// the total counted over all keys once idle.
@@ -118,7 +108,7 @@ async fn run(dir: &std::path::Path, count: u64, partitions: u32, faults: Faults)
             },
             ..Default::default()
         })
-        .module(module())
+        .module(counter_module())
         .state_backend(backend)
         .ingress(generator, KeyRouter::new(COUNTER, RECORD))
         .build()

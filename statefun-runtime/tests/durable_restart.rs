@@ -17,34 +17,8 @@ use statefun_runtime::{GeneratorIngress, IngressRecord, KeyRouter, Runtime, Runt
 use statefun_sdk::prelude::*;
 use tokio_util::sync::CancellationToken;
 
-const TIMER: TypeName = TypeName::from_static("test/timer");
-const FIRED: ValueSpec<i64> = ValueSpec::named("fired");
-const LAST: ValueSpec<String> = ValueSpec::named("last");
-
-fn timer_fn(ctx: &mut Context, msg: Message) -> FunctionResult {
-    let cmd: String = msg.decode()?;
-    match cmd.split_once(':') {
-        Some(("arm", payload)) => {
-            let me = ctx.self_address().clone();
-            ctx.send_after_with_token(Duration::from_secs(10), me, &format!("fire:{payload}"), "t")?;
-        }
-        Some(("arm_other", id)) => {
-            ctx.send_after(
-                Duration::from_secs(5),
-                Address::new(TIMER, id)?,
-                &"fire:remote".to_string(),
-            )?;
-        }
-        Some(("disarm", _)) => ctx.cancel_delayed("t"),
-        Some(("fire", payload)) => {
-            let n = ctx.storage().get(&FIRED)?.unwrap_or(0) + 1;
-            ctx.storage().set(&FIRED, &n)?;
-            ctx.storage().set(&LAST, &payload.to_string())?;
-        }
-        _ => return Err(format!("unknown command {cmd}").into()),
-    }
-    Ok(())
-}
+mod common;
+use common::{COUNTER, FIRED, LAST, SEEN, TIMER, counter_module, timer_fn};
 
 fn at(id: &str) -> Address {
     Address::new(TIMER, id).unwrap()
@@ -137,7 +111,6 @@ async fn delayed_messages_and_cancellations_survive_a_restart() {
 }
 
 const STUCK: TypeName = TypeName::from_static("test/stuck");
-const SEEN: ValueSpec<i64> = ValueSpec::named("seen");
 
 struct MaybeStuck(Arc<AtomicBool>);
 
@@ -186,7 +159,6 @@ async fn a_message_accepted_but_unfinished_is_processed_after_a_restart() {
     r.stop().await;
 }
 
-const COUNTER: TypeName = TypeName::from_static("test/counter");
 const RECORD: TypeName = TypeName::from_static("test/record");
 
 fn generator(count: u64) -> GeneratorIngress {
@@ -198,16 +170,6 @@ fn generator(count: u64) -> GeneratorIngress {
 #[tokio::test]
 async fn a_replayable_source_is_counted_once_across_restarts() {
     let dir = tempfile::tempdir().unwrap();
-    let module = || {
-        Module::builder()
-            .with_fn(FunctionSpec::new(COUNTER).with_state(SEEN), |ctx, _msg| {
-                let n = ctx.storage().get(&SEEN)?.unwrap_or(0) + 1;
-                ctx.storage().set(&SEEN, &n)?;
-                Ok(())
-            })
-            .build()
-            .unwrap()
-    };
     let total = |h: RuntimeHandle| async move {
         let mut sum = 0;
         for k in 0..5 {
@@ -223,7 +185,7 @@ async fn a_replayable_source_is_counted_once_across_restarts() {
         let backend = RocksDbBackend::open(dir.path(), RocksDbOptions::default()).unwrap();
         let runtime = Runtime::builder()
             .config(four_partitions())
-            .module(module())
+            .module(counter_module())
             .state_backend(backend)
             .ingress(generator(count), KeyRouter::new(COUNTER, RECORD))
             .build()
@@ -364,19 +326,10 @@ async fn the_same_backend_value_can_serve_several_runs_without_reusing_log_keys(
         drain_timeout_ms: 100,
         ..Default::default()
     };
-    let module = |stuck: bool| {
-        Module::builder()
-            .with_function(
-                FunctionSpec::new(STUCK).with_state(SEEN),
-                MaybeStuck(Arc::new(AtomicBool::new(stuck))),
-            )
-            .build()
-            .unwrap()
-    };
     for id in ["a", "b"] {
         let runtime = Runtime::builder()
             .config(config.clone())
-            .module(module(true))
+            .module(stuck_module(true))
             .state_backend(backend.clone())
             .build()
             .unwrap();
@@ -390,7 +343,7 @@ async fn the_same_backend_value_can_serve_several_runs_without_reusing_log_keys(
     }
     drop(backend);
 
-    let r = start(dir.path(), module(false), config);
+    let r = start(dir.path(), stuck_module(false), config);
     assert_eq!(r.handle.outstanding(), 2, "both unfinished messages are in the inbox");
     r.handle.wait_idle().await;
     for id in ["a", "b"] {

@@ -41,6 +41,30 @@ pub struct Expired {
 }
 
 impl Expired {
+    /// The notice for the expired value `last` of `spec`, as a message. (Encoding a
+    /// notice cannot fail: it is a fixed protobuf message.)
+    pub fn message(spec: &crate::StateSpec, last: Bytes) -> TypedValue {
+        let notice = Expired {
+            state: spec.name.to_string(),
+            value: TypedValue::from_bytes(spec.type_name.clone(), last),
+        };
+        TypedValue::from_bytes(Self::TYPE_NAME, notice.encode_wire())
+    }
+
+    /// True if `message` is an expiry notice.
+    pub fn is_notice(message: &TypedValue) -> bool {
+        message.type_name() == &Self::TYPE_NAME
+    }
+
+    fn encode_wire(&self) -> Bytes {
+        protobuf_encode(&WireExpired {
+            state: self.state.clone(),
+            type_name: self.value.type_name().as_str().to_owned(),
+            has_value: self.value.bytes().is_some(),
+            value: self.value.bytes().cloned().unwrap_or_default(),
+        })
+    }
+
     /// Decodes the expired value.
     pub fn value_as<T: ValueType>(&self) -> Result<T, CodecError> {
         self.value.decode()
@@ -63,12 +87,7 @@ impl ValueType for Expired {
     const TYPE_NAME: TypeName = TypeName::from_static("io.statefun-rs/expired");
 
     fn encode(&self) -> Result<Bytes, CodecError> {
-        Ok(protobuf_encode(&WireExpired {
-            state: self.state.clone(),
-            type_name: self.value.type_name().as_str().to_owned(),
-            has_value: self.value.bytes().is_some(),
-            value: self.value.bytes().cloned().unwrap_or_default(),
-        }))
+        Ok(self.encode_wire())
     }
 
     fn decode(bytes: &[u8]) -> Result<Self, CodecError> {

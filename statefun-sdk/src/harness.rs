@@ -204,15 +204,10 @@ impl TestHarness {
                 && spec.notify_on_expire
                 && s.expires_at.is_some_and(|t| t <= self.now)
             {
-                let notice = crate::Expired {
-                    state: spec.name.to_string(),
-                    value: TypedValue::from_bytes(spec.type_name.clone(), s.bytes.clone()),
-                };
-                notices.push(TypedValue::of(&notice)?);
+                notices.push(crate::Expired::message(spec, s.bytes.clone()));
             }
         }
-        let trigger =
-            caller.as_ref() == Some(&self.address) && message.type_name() == &<crate::Expired as ValueType>::TYPE_NAME;
+        let trigger = caller.as_ref() == Some(&self.address) && crate::Expired::is_notice(&message);
         let now = self.now;
         let values = self
             .state
@@ -300,14 +295,10 @@ impl TestHarness {
             if let Some(s) = &self.state[i]
                 && let Some(due) = s.expires_at
             {
-                let notice = crate::Expired {
-                    state: spec.name.to_string(),
-                    value: TypedValue::from_bytes(spec.type_name.clone(), s.bytes.clone()),
-                };
                 notices.push(PendingDelayed {
                     due,
                     target: self.address.clone(),
-                    message: TypedValue::of(&notice).expect("expiry notices encode"),
+                    message: crate::Expired::message(spec, s.bytes.clone()),
                     token: Some(token),
                 });
             }

@@ -77,6 +77,26 @@ pub struct LogOp {
     pub value: Option<Bytes>,
 }
 
+impl LogOp {
+    /// Put `value` as entry `key` of `partition`'s log.
+    pub fn put(partition: PartitionId, key: LogKey, value: Bytes) -> LogOp {
+        LogOp {
+            partition,
+            key,
+            value: Some(value),
+        }
+    }
+
+    /// Delete entry `key` of `partition`'s log.
+    pub fn delete(partition: PartitionId, key: LogKey) -> LogOp {
+        LogOp {
+            partition,
+            key,
+            value: None,
+        }
+    }
+}
+
 /// State changes, progress markers and log entries, applied atomically: after a crash
 /// either all of them are visible or none is.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
