@@ -15,6 +15,12 @@
 //!   the record ids, so re-deliveries after a crash are visible and can be removed by
 //!   id.
 //!
+//! In Kafka mode (`--kafka BOOTSTRAP`) the child runs on a
+//! [`ChangelogBackend`] over [`KafkaChangelog`]: state changes and egress records are
+//! committed in one Kafka transaction per interval, and the egress is read back from
+//! its topic with `read_committed`, **without** removing anything by id: every record
+//! must be there exactly once.
+//!
 //! The [`Outcome`] of a run is the final state of every account, the number of pending
 //! delayed messages, and the egress payloads (deduplicated by record id). Any lost or
 //! duplicated effect changes it.
@@ -23,14 +29,15 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
+use statefun_kafka::{KafkaChangelog, KafkaChangelogConfig};
 use statefun_runtime::egress::{Egress, EgressRecord};
-use statefun_runtime::state::{RocksDbBackend, RocksDbOptions};
+use statefun_runtime::state::{ChangelogBackend, RocksDbBackend, RocksDbOptions};
 use statefun_runtime::{GeneratorIngress, IngressRecord, KeyRouter, Runtime, RuntimeConfig, RuntimeHandle};
 use statefun_sdk::prelude::*;
 
@@ -239,6 +246,34 @@ pub struct WorkArgs {
     pub records: u64,
     /// Runtime partitions.
     pub partitions: u32,
+    /// Kafka mode: the broker and the topics.
+    pub kafka: Option<KafkaArgs>,
+}
+
+/// Where a Kafka-mode run keeps its changelog and egress.
+#[derive(Debug, Clone)]
+pub struct KafkaArgs {
+    /// `bootstrap.servers`.
+    pub bootstrap: String,
+    /// Prefix of the topic names and the transactional id (unique per run).
+    pub prefix: String,
+}
+
+impl KafkaArgs {
+    /// The egress topic (created by the parent, see [`create_egress_topic`]).
+    pub fn egress_topic(&self) -> String {
+        format!("{}-egress", self.prefix)
+    }
+
+    fn changelog(&self, partitions: u32) -> KafkaChangelogConfig {
+        KafkaChangelogConfig::new(
+            &self.bootstrap,
+            format!("{}-changelog", self.prefix),
+            partitions,
+            format!("{}-instance", self.prefix),
+        )
+        .egress(REPORT, self.egress_topic())
+    }
 }
 
 /// The state a finished child reports.
@@ -272,26 +307,40 @@ pub async fn work(args: WorkArgs) -> anyhow::Result<()> {
         checkpoints_retained: 2,
         ..Default::default()
     };
-    let backend = RocksDbBackend::open(&args.db, options)?;
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&args.egress)
-        .with_context(|| format!("opening {}", args.egress.display()))?;
-    let runtime = Runtime::builder()
+    let rocks = RocksDbBackend::open(&args.db, options)?;
+    let builder = Runtime::builder()
         .config(RuntimeConfig {
             partitions: args.partitions,
             checkpoint_interval_ms: 700,
             ..Default::default()
         })
         .module(module())
-        .state_backend(backend)
         .ingress(
             GeneratorIngress::new("workload", args.seed, args.records, record),
             KeyRouter::new(ACCOUNT, <Cmd as ValueType>::TYPE_NAME),
-        )
-        .egress(REPORT, FileEgress { file: Mutex::new(file) })
-        .build()?;
+        );
+    let runtime = match &args.kafka {
+        Some(kafka) => {
+            let changelog = KafkaChangelog::connect(kafka.changelog(args.partitions)).await?;
+            let partitions = args.partitions;
+            let (backend, _) = tokio::task::spawn_blocking(move || {
+                ChangelogBackend::open(rocks, Arc::new(changelog), partitions, Duration::from_millis(100))
+            })
+            .await??;
+            builder.state_backend(backend).build()?
+        }
+        None => {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&args.egress)
+                .with_context(|| format!("opening {}", args.egress.display()))?;
+            builder
+                .state_backend(rocks)
+                .egress(REPORT, FileEgress { file: Mutex::new(file) })
+                .build()?
+        }
+    };
     let handle = runtime.handle();
     let stop = tokio_util::sync::CancellationToken::new();
     let running = tokio::spawn(runtime.run(stop.clone().cancelled_owned()));
@@ -359,6 +408,87 @@ pub fn read_egress(path: &Path) -> anyhow::Result<(BTreeMap<String, usize>, usiz
     Ok((egress, redelivered))
 }
 
+/// Creates the egress topic of a Kafka-mode run (4 partitions).
+pub async fn create_egress_topic(kafka: &KafkaArgs) -> anyhow::Result<()> {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &kafka.bootstrap)
+        .create()?;
+    let topic = kafka.egress_topic();
+    for r in admin
+        .create_topics(
+            [&NewTopic::new(&topic, 4, TopicReplication::Fixed(1))],
+            &AdminOptions::new(),
+        )
+        .await?
+    {
+        r.map_err(|(t, e)| anyhow::anyhow!("cannot create topic {t}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Reads a Kafka-mode egress topic with `read_committed` up to its end: payloads by
+/// count (a payload produced twice under two ids counts twice), and how many records
+/// repeated an id already seen (must be 0 in Kafka mode: a repeat is a duplicate).
+pub fn read_kafka_egress(kafka: &KafkaArgs) -> anyhow::Result<(BTreeMap<String, usize>, usize)> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::{Headers, Message};
+    let topic = kafka.egress_topic();
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &kafka.bootstrap)
+        .set("group.id", format!("{}-reader", kafka.prefix))
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .create()?;
+    let md = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
+    let partitions = md.topics().first().map_or(0, |t| t.partitions().len()) as i32;
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    let mut ends = BTreeMap::new();
+    for p in 0..partitions {
+        let (_, high) = consumer.fetch_watermarks(&topic, p, Duration::from_secs(10))?;
+        ends.insert(p, high);
+        tpl.add_partition_offset(&topic, p, rdkafka::Offset::Beginning)?;
+    }
+    consumer.assign(&tpl)?;
+    let mut ids = std::collections::HashSet::new();
+    let mut duplicates = 0;
+    let mut egress = BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let positions = consumer.position()?;
+        let done = ends.iter().all(|(p, high)| {
+            positions
+                .find_partition(&topic, *p)
+                .and_then(|e| e.offset().to_raw())
+                .is_some_and(|o| o >= *high)
+                || *high == 0
+        });
+        if done {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("reading {topic}: not at the end after 60 s");
+        }
+        let Some(m) = consumer.poll(Duration::from_millis(100)) else {
+            continue;
+        };
+        let m = m?;
+        let id = m
+            .headers()
+            .and_then(|h| h.iter().find(|h| h.key == statefun_kafka::EGRESS_ID_HEADER))
+            .and_then(|h| h.value)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+            .with_context(|| format!("egress record without an id at offset {}", m.offset()))?;
+        let payload = <String as ValueType>::decode(m.payload().unwrap_or_default())?;
+        if ids.insert(id) {
+            *egress.entry(payload).or_insert(0) += 1;
+        } else {
+            duplicates += 1;
+        }
+    }
+    Ok((egress, duplicates))
+}
+
 /// How to drive the child processes.
 #[derive(Debug, Clone)]
 pub struct SoakConfig {
@@ -380,6 +510,8 @@ pub struct SoakConfig {
     pub kill_seed: u64,
     /// Give up on a child that has not finished after this long.
     pub timeout: Duration,
+    /// Kafka mode for the killed run (the reference run stays on local RocksDB).
+    pub kafka: Option<KafkaArgs>,
 }
 
 /// What happened to one killed child.
@@ -393,7 +525,7 @@ pub struct Kill {
     pub had_finished: bool,
 }
 
-fn spawn(cfg: &SoakConfig, run: &Path) -> anyhow::Result<Child> {
+fn spawn(cfg: &SoakConfig, run: &Path, kafka: Option<&KafkaArgs>) -> anyhow::Result<Child> {
     Command::new(&cfg.binary)
         .arg("work")
         .arg("--dir")
@@ -404,6 +536,11 @@ fn spawn(cfg: &SoakConfig, run: &Path) -> anyhow::Result<Child> {
         .arg(cfg.records.to_string())
         .arg("--partitions")
         .arg(cfg.partitions.to_string())
+        .args(
+            kafka
+                .iter()
+                .flat_map(|k| ["--kafka", &k.bootstrap, "--kafka-prefix", &k.prefix]),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
@@ -428,11 +565,14 @@ fn wait(child: &mut Child, timeout: Duration) -> anyhow::Result<()> {
     }
 }
 
-fn outcome(run: &Path) -> anyhow::Result<Outcome> {
+fn outcome(run: &Path, kafka: Option<&KafkaArgs>) -> anyhow::Result<Outcome> {
     let state: FinalState = serde_json::from_slice(
         &std::fs::read(run.join("done.json")).with_context(|| format!("no final state in {}", run.display()))?,
     )?;
-    let (egress, redelivered) = read_egress(&run.join("egress.log"))?;
+    let (egress, redelivered) = match kafka {
+        Some(k) => read_kafka_egress(k)?,
+        None => read_egress(&run.join("egress.log"))?,
+    };
     Ok(Outcome {
         state,
         egress,
@@ -441,7 +581,7 @@ fn outcome(run: &Path) -> anyhow::Result<Outcome> {
 }
 
 /// The paths a child uses under its run directory.
-pub fn work_args(run: &Path, seed: u64, records: u64, partitions: u32) -> WorkArgs {
+pub fn work_args(run: &Path, seed: u64, records: u64, partitions: u32, kafka: Option<KafkaArgs>) -> WorkArgs {
     WorkArgs {
         db: run.join("db"),
         checkpoints: run.join("checkpoints"),
@@ -450,6 +590,7 @@ pub fn work_args(run: &Path, seed: u64, records: u64, partitions: u32) -> WorkAr
         seed,
         records,
         partitions,
+        kafka,
     }
 }
 
@@ -457,9 +598,9 @@ pub fn work_args(run: &Path, seed: u64, records: u64, partitions: u32) -> WorkAr
 pub fn reference(cfg: &SoakConfig) -> anyhow::Result<Outcome> {
     let run = cfg.dir.join("reference");
     std::fs::create_dir_all(&run)?;
-    let mut child = spawn(cfg, &run)?;
+    let mut child = spawn(cfg, &run, None)?;
     wait(&mut child, cfg.timeout)?;
-    outcome(&run)
+    outcome(&run, None)
 }
 
 /// Runs the workload, SIGKILLing the child `cfg.kills` times at random points and
@@ -471,15 +612,18 @@ pub fn with_kills(cfg: &SoakConfig) -> anyhow::Result<(Outcome, Vec<Kill>)> {
     let mut kills = Vec::new();
     for _ in 0..cfg.kills {
         let after_ms = rng.random_range(cfg.kill_after_ms.0..=cfg.kill_after_ms.1);
-        let mut child = spawn(cfg, &run)?;
+        let mut child = spawn(cfg, &run, cfg.kafka.as_ref())?;
         std::thread::sleep(Duration::from_millis(after_ms));
         let had_finished = child.try_wait()?.is_some();
         // `Child::kill` is SIGKILL on Unix: no destructor, no flush runs.
         let _ = child.kill();
         let _ = child.wait();
-        let egress_lines = std::fs::read_to_string(run.join("egress.log"))
-            .map(|t| t.lines().count())
-            .unwrap_or(0);
+        let egress_lines = match &cfg.kafka {
+            Some(k) => read_kafka_egress(k)?.0.values().sum(),
+            None => std::fs::read_to_string(run.join("egress.log"))
+                .map(|t| t.lines().count())
+                .unwrap_or(0),
+        };
         kills.push(Kill {
             after_ms,
             egress_lines,
@@ -490,10 +634,10 @@ pub fn with_kills(cfg: &SoakConfig) -> anyhow::Result<(Outcome, Vec<Kill>)> {
         }
     }
     if !run.join("done.json").exists() {
-        let mut child = spawn(cfg, &run)?;
+        let mut child = spawn(cfg, &run, cfg.kafka.as_ref())?;
         wait(&mut child, cfg.timeout)?;
     }
-    Ok((outcome(&run)?, kills))
+    Ok((outcome(&run, cfg.kafka.as_ref())?, kills))
 }
 
 /// Compares two outcomes; the error lists the differences.

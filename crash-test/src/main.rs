@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use anyhow::bail;
 use clap::{Parser, Subcommand};
-use statefun_crash_test::{SoakConfig, compare, reference, with_kills, work, work_args};
+use statefun_crash_test::{
+    KafkaArgs, SoakConfig, compare, create_egress_topic, reference, with_kills, work, work_args,
+};
 
 #[derive(Parser)]
 #[command(about = "Crash-recovery soak for statefun-rs: SIGKILL a RocksDB-backed workload and compare")]
@@ -48,6 +50,10 @@ enum Cmd {
         /// Scratch directory (default: a new temp dir, removed on success).
         #[arg(long)]
         dir: Option<PathBuf>,
+        /// Kafka mode: run the killed child on a Kafka changelog at this broker (the
+        /// egress must then come out exactly once, nothing removed by id).
+        #[arg(long)]
+        kafka: Option<String>,
     },
     /// The child: run or resume the workload in DIR until it is complete.
     Work {
@@ -59,6 +65,12 @@ enum Cmd {
         records: u64,
         #[arg(long, default_value_t = 4)]
         partitions: u32,
+        /// Kafka mode: the broker.
+        #[arg(long, requires = "kafka_prefix")]
+        kafka: Option<String>,
+        /// Kafka mode: prefix of the topics and the transactional id.
+        #[arg(long)]
+        kafka_prefix: Option<String>,
     },
 }
 
@@ -73,12 +85,17 @@ fn main() -> anyhow::Result<()> {
             seed,
             records,
             partitions,
+            kafka,
+            kafka_prefix,
         } => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
                 .build()?;
-            rt.block_on(work(work_args(&dir, seed, records, partitions)))
+            let kafka = kafka
+                .zip(kafka_prefix)
+                .map(|(bootstrap, prefix)| KafkaArgs { bootstrap, prefix });
+            rt.block_on(work(work_args(&dir, seed, records, partitions, kafka)))
         }
         Cmd::Soak {
             kills,
@@ -89,6 +106,7 @@ fn main() -> anyhow::Result<()> {
             max_kill_ms,
             partitions,
             dir,
+            kafka,
         } => {
             if min_kill_ms > max_kill_ms {
                 bail!("--min-kill-ms must not exceed --max-kill-ms");
@@ -111,7 +129,14 @@ fn main() -> anyhow::Result<()> {
                 kill_after_ms: (min_kill_ms, max_kill_ms),
                 kill_seed,
                 timeout: Duration::from_secs(600),
+                kafka: kafka.map(|bootstrap| KafkaArgs {
+                    bootstrap,
+                    prefix: format!("soak-{kill_seed}"),
+                }),
             };
+            if let Some(k) = &cfg.kafka {
+                tokio::runtime::Runtime::new()?.block_on(create_egress_topic(k))?;
+            }
             println!(
                 "seed {seed}, kill seed {kill_seed}, {records} records, {kills} kills, dir {}",
                 dir.display()
@@ -127,7 +152,17 @@ fn main() -> anyhow::Result<()> {
                     if k.had_finished { " (had already finished)" } else { "" }
                 );
             }
-            println!("re-delivered egress records (removed by id): {}", got.redelivered);
+            if cfg.kafka.is_some() {
+                println!("egress records with a repeated id (must be 0): {}", got.redelivered);
+                if got.redelivered > 0 {
+                    bail!(
+                        "{} duplicated egress records on the read_committed topic",
+                        got.redelivered
+                    );
+                }
+            } else {
+                println!("re-delivered egress records (removed by id): {}", got.redelivered);
+            }
             compare(&expected, &got)?;
             println!("PASS: outcome after {} kills equals the crash-free run", kill_log.len());
             Ok(())

@@ -23,6 +23,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+mod changelog;
+pub use changelog::{KafkaChangelog, KafkaChangelogConfig};
+
 use bytes::Bytes;
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
@@ -379,16 +382,7 @@ impl KafkaEgress {
 impl Egress for KafkaEgress {
     fn send(&self, record: EgressRecord) -> Result<(), EgressError> {
         let id = record.id.map(|i| i.to_string());
-        let mut headers = OwnedHeaders::new().insert(Header {
-            key: TYPE_HEADER,
-            value: Some(record.message.type_name().as_str()),
-        });
-        if let Some(id) = &id {
-            headers = headers.insert(Header {
-                key: EGRESS_ID_HEADER,
-                value: Some(id.as_str()),
-            });
-        }
+        let headers = egress_headers(&record, id.as_deref());
         let value = record.message.bytes().map(|b| b.as_ref());
         let mut r = BaseRecord::<str, [u8]>::to(&self.topic)
             .key(record.source.id())
@@ -399,6 +393,21 @@ impl Egress for KafkaEgress {
         self.producer
             .send(r)
             .map_err(|(e, _)| EgressError::Rejected(format!("kafka producer refused the record: {e}")))
+    }
+}
+
+/// The headers of an egress record: its type, and its id if it has one.
+fn egress_headers(record: &EgressRecord, id: Option<&str>) -> OwnedHeaders {
+    let headers = OwnedHeaders::new().insert(Header {
+        key: TYPE_HEADER,
+        value: Some(record.message.type_name().as_str()),
+    });
+    match id {
+        Some(id) => headers.insert(Header {
+            key: EGRESS_ID_HEADER,
+            value: Some(id),
+        }),
+        None => headers,
     }
 }
 

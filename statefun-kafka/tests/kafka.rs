@@ -13,10 +13,8 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use statefun_kafka::{
     EGRESS_ID_HEADER, KafkaDeadLetters, KafkaEgress, KafkaIngress, KafkaIngressConfig, KafkaRecord, RecordRouter,
@@ -26,39 +24,13 @@ use statefun_runtime::{KeyRouter, Runtime, RuntimeConfig};
 use statefun_sdk::prelude::*;
 use tokio_util::sync::CancellationToken;
 
+mod common;
+use common::{bootstrap, consume, create_topics, header, unique};
+
 const COUNTER: TypeName = TypeName::from_static("kafka-test/counter");
 const RAW: TypeName = TypeName::from_static("kafka-test/raw");
 const OUT: TypeName = TypeName::from_static("kafka-test/out");
 const SEEN: ValueSpec<i64> = ValueSpec::named("seen");
-
-fn bootstrap() -> String {
-    std::env::var("STATEFUN_KAFKA_BOOTSTRAP").expect(
-        "STATEFUN_KAFKA_BOOTSTRAP is not set: run the suite with `make test` (it starts a broker), \
-         or point it at a Kafka broker",
-    )
-}
-
-fn unique(prefix: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!("{prefix}-{}-{nanos}", std::process::id())
-}
-
-async fn create_topics(names: &[&str], partitions: i32) {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap())
-        .create()
-        .unwrap();
-    let topics: Vec<NewTopic> = names
-        .iter()
-        .map(|n| NewTopic::new(n, partitions, TopicReplication::Fixed(1)))
-        .collect();
-    for r in admin.create_topics(&topics, &AdminOptions::new()).await.unwrap() {
-        r.unwrap();
-    }
-}
 
 /// Counts messages per id; reports each message on the egress as "<id>:<value>".
 fn module() -> Module {
@@ -73,37 +45,6 @@ fn module() -> Module {
         })
         .build()
         .unwrap()
-}
-
-/// Reads `topic` with read_committed until `n` records arrived (or a timeout).
-async fn consume(topic: &str, n: usize) -> Vec<rdkafka::message::OwnedMessage> {
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap())
-        .set("group.id", unique("reader"))
-        .set("auto.offset.reset", "earliest")
-        .set("isolation.level", "read_committed")
-        .create()
-        .unwrap();
-    consumer.subscribe(&[topic]).unwrap();
-    let mut out = Vec::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while out.len() < n {
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        match tokio::time::timeout(left, consumer.recv()).await {
-            Ok(Ok(m)) => out.push(m.detach()),
-            Ok(Err(e)) => panic!("consumer error: {e}"),
-            Err(_) => break,
-        }
-    }
-    out
-}
-
-fn header(m: &rdkafka::message::OwnedMessage, key: &str) -> Option<String> {
-    m.headers()?
-        .iter()
-        .find(|h| h.key == key)
-        .and_then(|h| h.value)
-        .map(|v| String::from_utf8_lossy(v).into_owned())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

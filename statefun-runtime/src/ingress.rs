@@ -215,7 +215,7 @@ impl IngressSink {
         }
         let mut upto = max;
         for (q, (first, last)) in sent {
-            let stored = self.shared.backend.open_partition(q)?.progress(&name)?;
+            let stored = self.shared.backend.committed_progress(q, &name)?;
             let bound = match stored {
                 Some(p) if p >= last => continue,
                 Some(p) => p,
@@ -302,12 +302,7 @@ impl IngressSink {
         let source = source_name(topic, partition);
         let mut min: Option<u64> = None;
         for p in 0..self.shared.config.partitions {
-            match self
-                .shared
-                .backend
-                .open_partition(crate::PartitionId(p))?
-                .progress(&source)?
-            {
+            match self.shared.backend.committed_progress(crate::PartitionId(p), &source)? {
                 None => return Ok(None),
                 Some(v) => min = Some(min.map_or(v, |m| m.min(v))),
             }

@@ -957,6 +957,9 @@ impl Partition {
         let mut egress_keys = egress_keys.into_iter();
         for e in egress {
             let key = egress_keys.next().flatten();
+            if self.durable && self.shared.backend.takes_egress(&e.egress) {
+                continue; // committed by the backend with this batch's write
+            }
             let record = EgressRecord {
                 egress: e.egress,
                 source: address.clone(),
@@ -1093,7 +1096,7 @@ impl Partition {
         if !egress.is_empty() {
             let mut keys = Vec::with_capacity(egress.len());
             for e in egress {
-                if self.shared.egresses.contains_key(&e.egress) {
+                if self.shared.egresses.contains_key(&e.egress) || self.shared.backend.takes_egress(&e.egress) {
                     let key = LogKey::Egress { seq: self.next_seq() };
                     wb.log.push(LogOp::put(
                         self.id,

@@ -205,6 +205,11 @@ pub enum Error {
     /// A partition task ended unexpectedly (an internal bug; please report it).
     #[error("partition task failed: {0}")]
     Internal(String),
+    /// The state backend could not commit (see [`StateBackend::commit`](state::StateBackend::commit)): a permanent
+    /// failure during the run, or any failure of the final commit at shutdown. What was
+    /// not committed is redone from the last commit when the runtime starts again.
+    #[error("cannot commit state: {0}")]
+    Commit(#[source] state::Error),
 }
 
 /// Why a message could not be sent through a [`RuntimeHandle`].
@@ -466,6 +471,33 @@ impl Runtime {
                 }
             }));
         }
+        // Commits of a backend whose writes become durable per interval. A transient
+        // failure is retried at the next tick (nothing is lost: the writes stay
+        // pending); a permanent one (a fenced producer, a broken disk) stops the run.
+        let mut committer = JoinSet::new();
+        if let Some(every) = self.shared.backend.commit_interval() {
+            let backend = Arc::clone(&self.shared.backend);
+            let stop = stop_partitions.clone();
+            committer.spawn(async move {
+                let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return Ok(()),
+                        _ = tick.tick() => {}
+                    }
+                    let b = Arc::clone(&backend);
+                    match tokio::task::spawn_blocking(move || b.commit()).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e @ state::Error::Transient(_))) => {
+                            tracing::warn!(error = %e, "commit failed; retrying at the next interval");
+                        }
+                        Ok(Err(e)) => return Err(Error::Commit(e)),
+                        Err(e) => return Err(Error::Internal(format!("commit task panicked: {e}"))),
+                    }
+                }
+            });
+        }
         tracing::info!(
             partitions = self.shared.config.partitions,
             functions = self.shared.module.len(),
@@ -474,10 +506,19 @@ impl Runtime {
 
         let mut ingress_errors = Vec::new();
         let mut failure = None;
+        let mut commit_failure = None;
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
                 _ = &mut shutdown => break,
+                Some(res) = committer.join_next() => {
+                    commit_failure = Some(match res {
+                        Ok(Err(e)) => e,
+                        Ok(Ok(())) => Error::Internal("committer returned before shutdown".to_owned()),
+                        Err(e) => Error::Internal(format!("commit task panicked: {e}")),
+                    });
+                    break;
+                }
                 Some(res) = partitions.join_next() => {
                     failure = Some(match res {
                         Ok(_) => "partition task returned before shutdown".to_owned(),
@@ -522,7 +563,9 @@ impl Runtime {
         let handle = RuntimeHandle {
             shared: Arc::clone(&self.shared),
         };
-        let drained = failure.is_none() && tokio::time::timeout(drain, handle.wait_idle()).await.is_ok();
+        let drained = failure.is_none()
+            && commit_failure.is_none()
+            && tokio::time::timeout(drain, handle.wait_idle()).await.is_ok();
         if !drained {
             tracing::warn!(
                 outstanding = handle.outstanding(),
@@ -544,6 +587,20 @@ impl Runtime {
         }
         if let Some(f) = failure {
             return Err(Error::Internal(f));
+        }
+        committer.abort_all();
+        while committer.join_next().await.is_some() {}
+        if let Some(e) = commit_failure {
+            return Err(e);
+        }
+        if self.shared.backend.commit_interval().is_some() {
+            // The partitions have stopped: commit what they wrote last.
+            let backend = Arc::clone(&self.shared.backend);
+            match tokio::task::spawn_blocking(move || backend.commit()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(Error::Commit(e)),
+                Err(e) => return Err(Error::Internal(format!("final commit panicked: {e}"))),
+            }
         }
         stats.sort_by_key(|s| s.partition);
         tracing::info!("runtime stopped");

@@ -23,13 +23,17 @@ use crate::partitioner::PartitionId;
 pub use self::keys::LogKey;
 
 #[cfg(feature = "rocksdb")]
+pub mod changelog;
+#[cfg(feature = "rocksdb")]
 pub mod checkpoint;
 pub(crate) mod entries;
 pub mod keys;
 #[cfg(feature = "rocksdb")]
 pub mod rocksdb;
 #[cfg(feature = "rocksdb")]
-pub use self::rocksdb::{RocksDbBackend, RocksDbOptions};
+pub use self::changelog::{Changelog, ChangelogBackend, CommitUnit};
+#[cfg(feature = "rocksdb")]
+pub use self::rocksdb::{RawOp, RocksDbBackend, RocksDbOptions};
 
 /// Why a state backend operation failed. Backends say whether a retry can help.
 #[derive(Debug, thiserror::Error)]
@@ -194,6 +198,35 @@ pub trait StateBackend: Send + Sync + 'static {
     /// different count: the inboxes and timers on disk are keyed by partition.
     /// Default: accepts any count.
     fn check_partitions(&self, _partitions: u32) -> Result<(), Error> {
+        Ok(())
+    }
+
+    /// The last position stored for `source` in `partition` that is durable: what a
+    /// source may acknowledge upstream. Default: what the partition's store returns
+    /// (every write is durable when it returns).
+    fn committed_progress(&self, partition: PartitionId, source: &str) -> Result<Option<u64>, Error> {
+        self.open_partition(partition)?.progress(source)
+    }
+
+    /// Whether the backend commits the records of egress `egress` itself, with the
+    /// state changes that produced them (a durable backend whose writes are logged as
+    /// egress entries; see [`changelog`]). The runtime then does not hand them to an
+    /// egress sink. Default: false.
+    fn takes_egress(&self, _egress: &statefun_sdk::TypeName) -> bool {
+        false
+    }
+
+    /// How often the runtime calls [`StateBackend::commit`]: `Some` for a backend whose
+    /// writes become durable only when committed. Default: `None`.
+    fn commit_interval(&self) -> Option<std::time::Duration> {
+        None
+    }
+
+    /// Makes every write so far durable (blocking). Called every
+    /// [`StateBackend::commit_interval`] and once more when the runtime stops. An error
+    /// loses nothing: the writes stay pending and the next call tries again. Default:
+    /// nothing to do.
+    fn commit(&self) -> Result<(), Error> {
         Ok(())
     }
 }

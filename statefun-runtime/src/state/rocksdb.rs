@@ -30,6 +30,7 @@ const FLAG_EXPIRES: u8 = 0x01;
 const META_FORMAT_KEY: &[u8] = b"\x00format";
 const META_INCARNATION_KEY: &[u8] = b"\x00incarnation";
 const META_PARTITIONS_KEY: &[u8] = b"\x00partitions";
+const META_CHANGELOG_PREFIX: &[u8] = b"\x00changelog/";
 
 /// Maps a RocksDB error to ours: whether a retry can help, and where it happened.
 fn map_err(path: &Path, what: &str, e: rocksdb::Error) -> Error {
@@ -48,7 +49,8 @@ fn map_err(path: &Path, what: &str, e: rocksdb::Error) -> Error {
     }
 }
 
-pub(crate) fn encode_value(v: &StoredValue) -> Vec<u8> {
+/// Encodes a stored value (layout in the module docs).
+pub fn encode_value(v: &StoredValue) -> Vec<u8> {
     let mut out = Vec::with_capacity(10 + v.value.len());
     out.push(VALUE_FORMAT);
     match v.expires_at_ms {
@@ -62,7 +64,8 @@ pub(crate) fn encode_value(v: &StoredValue) -> Vec<u8> {
     out
 }
 
-pub(crate) fn decode_value(b: &[u8]) -> Result<StoredValue, String> {
+/// Decodes a stored value.
+pub fn decode_value(b: &[u8]) -> Result<StoredValue, String> {
     match b {
         [VALUE_FORMAT, FLAG_EXPIRES, rest @ ..] if rest.len() >= 8 => {
             let (t, v) = rest.split_at(8);
@@ -334,22 +337,10 @@ impl PartitionStore for RocksDbStore {
 
     fn write(&mut self, batch: WriteBatch) -> Result<(), Error> {
         let mut wb = rocksdb::WriteBatch::default();
-        for op in &batch.ops {
-            let key = keys::state_key(self.partition, &op.address, &op.name);
+        for op in encode_batch(self.partition, &batch)? {
             match &op.value {
-                Some(v) => wb.put(&key, encode_value(v)),
-                None => wb.delete(&key),
-            }
-        }
-        for (source, position) in &batch.progress {
-            let key = keys::progress_key(self.partition, source).map_err(|e| Error::Permanent(e.to_string()))?;
-            wb.put(key, position.to_be_bytes());
-        }
-        for op in &batch.log {
-            let key = keys::log_key(op.partition, op.key);
-            match &op.value {
-                Some(v) => wb.put(&key, v),
-                None => wb.delete(&key),
+                Some(v) => wb.put(&op.key, v),
+                None => wb.delete(&op.key),
             }
         }
         self.db
@@ -378,38 +369,156 @@ impl PartitionStore for RocksDbStore {
     }
 
     fn log(&self, kind: LogKind) -> Result<Vec<(LogKey, Bytes)>, Error> {
-        let k = match kind {
-            LogKind::Inbox => keys::KIND_INBOX,
-            LogKind::Timers => keys::KIND_TIMER,
-            LogKind::Egress => keys::KIND_EGRESS,
-        };
-        let prefix = keys::partition_prefix(k, self.partition);
+        let prefix = keys::partition_prefix(log_kind_byte(kind), self.partition);
         let mut out = Vec::new();
         for item in self.db.prefix_iterator(&prefix) {
             let (key, value) = item.map_err(|e| map_err(&self.path, "scan log", e))?;
             if !key.starts_with(&prefix) {
                 break;
             }
-            match keys::decode(&key) {
-                Ok(keys::Key::Log { key, .. }) => out.push((key, Bytes::copy_from_slice(&value))),
-                Ok(other) => {
-                    return Err(Error::Permanent(format!(
-                        "unexpected key {other:?} in the log of partition {} in RocksDB at {}",
-                        self.partition,
-                        self.path.display()
-                    )));
-                }
-                Err(e) => {
-                    return Err(Error::Permanent(format!(
-                        "corrupt log key in partition {} in RocksDB at {}: {e}; restore a checkpoint \
-                         (see docs/operations.md)",
-                        self.partition,
-                        self.path.display()
-                    )));
-                }
-            }
+            out.push((
+                decode_log_key(&key, self.partition, &self.path)?,
+                Bytes::copy_from_slice(&value),
+            ));
         }
         Ok(out)
+    }
+}
+
+pub(crate) fn log_kind_byte(kind: LogKind) -> u8 {
+    match kind {
+        LogKind::Inbox => keys::KIND_INBOX,
+        LogKind::Timers => keys::KIND_TIMER,
+        LogKind::Egress => keys::KIND_EGRESS,
+    }
+}
+
+/// Decodes the key of a log entry scanned from `partition`'s log.
+pub(crate) fn decode_log_key(key: &[u8], partition: PartitionId, path: &Path) -> Result<LogKey, Error> {
+    match keys::decode(key) {
+        Ok(keys::Key::Log { key, .. }) => Ok(key),
+        Ok(other) => Err(Error::Permanent(format!(
+            "unexpected key {other:?} in the log of partition {partition} in RocksDB at {}",
+            path.display()
+        ))),
+        Err(e) => Err(Error::Permanent(format!(
+            "corrupt log key in partition {partition} in RocksDB at {}: {e}; restore a checkpoint \
+             (see docs/operations.md)",
+            path.display()
+        ))),
+    }
+}
+
+/// One raw key-value change of the database: what a [`WriteBatch`] becomes on disk, and
+/// what a changelog carries (see [`super::changelog`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawOp {
+    /// The encoded key ([`keys`] layout, or a meta key starting with `0x00`).
+    pub key: Bytes,
+    /// The encoded value, or `None` to delete the key.
+    pub value: Option<Bytes>,
+}
+
+/// Encodes `batch`, written by `partition`, as the raw changes it makes, in order.
+pub fn encode_batch(partition: PartitionId, batch: &WriteBatch) -> Result<Vec<RawOp>, Error> {
+    let mut out = Vec::with_capacity(batch.ops.len() + batch.progress.len() + batch.log.len());
+    for op in &batch.ops {
+        out.push(RawOp {
+            key: keys::state_key(partition, &op.address, &op.name).into(),
+            value: op.value.as_ref().map(|v| encode_value(v).into()),
+        });
+    }
+    for (source, position) in &batch.progress {
+        let key = keys::progress_key(partition, source).map_err(|e| Error::Permanent(e.to_string()))?;
+        out.push(RawOp {
+            key: key.into(),
+            value: Some(Bytes::copy_from_slice(&position.to_be_bytes())),
+        });
+    }
+    for op in &batch.log {
+        out.push(RawOp {
+            key: keys::log_key(op.partition, op.key).into(),
+            value: op.value.clone(),
+        });
+    }
+    Ok(out)
+}
+
+/// The meta key holding the changelog position a partition's data is at.
+fn changelog_position_key(partition: PartitionId) -> Vec<u8> {
+    let mut k = META_CHANGELOG_PREFIX.to_vec();
+    k.extend_from_slice(&partition.0.to_be_bytes());
+    k
+}
+
+/// Raw access for a changelogged backend ([`super::changelog::ChangelogBackend`]): it
+/// applies committed changes with the changelog position they reach, in one batch.
+impl RocksDbBackend {
+    /// Reads one raw key.
+    pub fn get_raw(&self, key: &[u8]) -> Result<Option<Bytes>, Error> {
+        Ok(self
+            .db
+            .get_pinned(key)
+            .map_err(|e| map_err(&self.path, "read", e))?
+            .map(|v| Bytes::copy_from_slice(&v)))
+    }
+
+    /// Every raw key-value pair whose key starts with `prefix`, in key order.
+    pub fn scan_raw(&self, prefix: &[u8]) -> Result<Vec<(Bytes, Bytes)>, Error> {
+        let mut out = Vec::new();
+        for item in self.db.prefix_iterator(prefix) {
+            let (key, value) = item.map_err(|e| map_err(&self.path, "scan", e))?;
+            if !key.starts_with(prefix) {
+                break;
+            }
+            out.push((Bytes::copy_from_slice(&key), Bytes::copy_from_slice(&value)));
+        }
+        Ok(out)
+    }
+
+    /// Applies `ops` and records, per partition, the changelog position they bring the
+    /// data to: one atomic write.
+    pub fn apply_raw(&self, ops: &[RawOp], positions: &[(PartitionId, i64)]) -> Result<(), Error> {
+        let mut wb = rocksdb::WriteBatch::default();
+        for op in ops {
+            match &op.value {
+                Some(v) => wb.put(&op.key, v),
+                None => wb.delete(&op.key),
+            }
+        }
+        for (p, offset) in positions {
+            wb.put(changelog_position_key(*p), offset.to_be_bytes());
+        }
+        self.db
+            .write_opt(wb, &self.options.write_options())
+            .map_err(|e| map_err(&self.path, "write", e))
+    }
+
+    /// The changelog position `partition`'s data is at: the offset of the last
+    /// changelog record applied, `None` if none was.
+    pub fn changelog_position(&self, partition: PartitionId) -> Result<Option<i64>, Error> {
+        match self.get_raw(&changelog_position_key(partition))? {
+            None => Ok(None),
+            Some(v) => {
+                let b: [u8; 8] = v.as_ref().try_into().map_err(|_| {
+                    Error::Permanent(format!(
+                        "corrupt changelog position of partition {partition} in RocksDB at {}",
+                        self.path.display()
+                    ))
+                })?;
+                Ok(Some(i64::from_be_bytes(b)))
+            }
+        }
+    }
+
+    /// The raw key of the incarnation counter ([`StateBackend::next_incarnation`]).
+    pub fn incarnation_key() -> &'static [u8] {
+        META_INCARNATION_KEY
+    }
+
+    /// The partition count recorded by [`StateBackend::check_partitions`] (raw key).
+    pub fn partitions_key() -> &'static [u8] {
+        META_PARTITIONS_KEY
     }
 }
 

@@ -1,0 +1,431 @@
+//! The Kafka changelog: state changes and egress records committed together in one
+//! Kafka transaction per commit interval (the durable side of
+//! [`ChangelogBackend`](statefun_runtime::state::ChangelogBackend)).
+//!
+//! Why it exists: it is what makes processing exactly-once end to end with Kafka. Every
+//! interval, one transaction holds the latest value of every key that changed (to a
+//! compacted changelog topic, one topic partition per runtime partition) and every
+//! egress record produced (to the egress topics). A `read_committed` consumer sees the
+//! egress of an interval together with the state it came from, or neither; RocksDB gets
+//! the changes only after the commit. See `docs/guarantees.md`, "Kafka mode".
+//!
+//! One transactional producer serves the whole instance. A restarted instance with the
+//! same `transactional.id` fences the old one (its open transaction is aborted, its
+//! later commits fail), so a zombie can never commit after its successor started.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::{ClientContext, DefaultClientContext};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::Message;
+use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use statefun_runtime::PartitionId;
+use statefun_runtime::state::{Changelog, CommitUnit, Error as StateError, RawOp};
+use statefun_sdk::TypeName;
+
+use crate::Error;
+
+/// Configuration of a [`KafkaChangelog`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct KafkaChangelogConfig {
+    /// `bootstrap.servers`.
+    pub bootstrap_servers: String,
+    /// The changelog topic: created (compacted) with one partition per runtime
+    /// partition if missing; an existing topic must have exactly that many.
+    pub topic: String,
+    /// The runtime's partition count.
+    pub partitions: u32,
+    /// The producer's `transactional.id`: stable per instance, so a restarted instance
+    /// fences its previous incarnation.
+    pub transactional_id: String,
+    /// Egress ids whose records are committed in the transaction, and their topics
+    /// (which must exist).
+    pub egress_topics: HashMap<TypeName, String>,
+    /// Replication factor of a created changelog topic. Default: 1.
+    pub replication_factor: i32,
+    /// How long Kafka calls may block (init, commit, abort, restore reads). Default: 30 s.
+    pub timeout: Duration,
+    /// Extra producer properties (override the defaults).
+    pub properties: Vec<(String, String)>,
+}
+
+impl KafkaChangelogConfig {
+    /// A configuration with the defaults above.
+    pub fn new(
+        bootstrap_servers: impl Into<String>,
+        topic: impl Into<String>,
+        partitions: u32,
+        transactional_id: impl Into<String>,
+    ) -> KafkaChangelogConfig {
+        KafkaChangelogConfig {
+            bootstrap_servers: bootstrap_servers.into(),
+            topic: topic.into(),
+            partitions,
+            transactional_id: transactional_id.into(),
+            egress_topics: HashMap::new(),
+            replication_factor: 1,
+            timeout: Duration::from_secs(30),
+            properties: Vec::new(),
+        }
+    }
+
+    /// Commits the records of egress `egress` to `topic`, in the transaction.
+    pub fn egress(mut self, egress: TypeName, topic: impl Into<String>) -> KafkaChangelogConfig {
+        self.egress_topics.insert(egress, topic.into());
+        self
+    }
+}
+
+/// Collects what the delivery reports of one transaction say.
+#[derive(Default)]
+struct Deliveries {
+    /// Per changelog partition, the highest offset written.
+    positions: HashMap<i32, i64>,
+    /// The first failed delivery.
+    error: Option<String>,
+}
+
+struct Reports {
+    topic: String,
+    state: Mutex<Deliveries>,
+}
+
+impl ClientContext for Reports {}
+
+impl ProducerContext for Reports {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        let mut d = self.state.lock().expect("deliveries lock");
+        match result {
+            Ok(m) if m.topic() == self.topic => {
+                let slot = d.positions.entry(m.partition()).or_insert(m.offset());
+                *slot = (*slot).max(m.offset());
+            }
+            Ok(_) => {}
+            Err((e, m)) => {
+                d.error
+                    .get_or_insert_with(|| format!("delivery to {}/{} failed: {e}", m.topic(), m.partition()));
+            }
+        }
+    }
+}
+
+/// The Kafka side of a [`ChangelogBackend`](statefun_runtime::state::ChangelogBackend)
+/// (module docs).
+pub struct KafkaChangelog {
+    config: KafkaChangelogConfig,
+    producer: BaseProducer<Reports>,
+}
+
+impl std::fmt::Debug for KafkaChangelog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaChangelog")
+            .field("topic", &self.config.topic)
+            .field("transactional_id", &self.config.transactional_id)
+            .finish()
+    }
+}
+
+fn kafka(what: &'static str) -> impl FnOnce(KafkaError) -> Error {
+    move |source| Error { what, source }
+}
+
+/// Maps a Kafka error of a transactional call: fatal errors (a fenced producer, an
+/// unrecoverable state) are permanent, the rest transient.
+fn state_error(what: &str, e: &KafkaError) -> StateError {
+    let fatal = match e {
+        KafkaError::Transaction(t) => t.is_fatal(),
+        _ => false,
+    };
+    let msg = format!("kafka changelog: {what}: {e}");
+    if fatal {
+        StateError::Permanent(format!(
+            "{msg}. Another instance with the same transactional id may have taken over (this one \
+             is fenced), or the producer is in an unrecoverable state: restart the instance"
+        ))
+    } else {
+        StateError::Transient(msg)
+    }
+}
+
+impl KafkaChangelog {
+    /// Creates the changelog topic if it is missing (compacted, one partition per
+    /// runtime partition), checks an existing one and the egress topics, and
+    /// initializes the transactional producer, which fences and aborts the open
+    /// transaction of an earlier instance with the same transactional id.
+    pub async fn connect(config: KafkaChangelogConfig) -> Result<KafkaChangelog, Error> {
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", &config.bootstrap_servers)
+            .create()
+            .map_err(kafka("cannot create admin client"))?;
+        let topic = NewTopic::new(
+            &config.topic,
+            config.partitions as i32,
+            TopicReplication::Fixed(config.replication_factor),
+        )
+        .set("cleanup.policy", "compact");
+        let results = admin
+            .create_topics([&topic], &AdminOptions::new().operation_timeout(Some(config.timeout)))
+            .await
+            .map_err(kafka("cannot create the changelog topic"))?;
+        for r in results {
+            match r {
+                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((t, code)) => {
+                    return Err(Error {
+                        what: "cannot create the changelog topic",
+                        source: KafkaError::AdminOp(code),
+                    })
+                    .inspect_err(|_| tracing::error!(topic = %t, "changelog topic creation failed"));
+                }
+            }
+        }
+        let mut cc = ClientConfig::new();
+        cc.set("bootstrap.servers", &config.bootstrap_servers)
+            .set("transactional.id", &config.transactional_id)
+            .set("enable.idempotence", "true")
+            .set("linger.ms", "1")
+            .set("transaction.timeout.ms", "60000");
+        for (k, v) in &config.properties {
+            cc.set(k, v);
+        }
+        let producer: BaseProducer<Reports> = cc
+            .create_with_context(Reports {
+                topic: config.topic.clone(),
+                state: Mutex::default(),
+            })
+            .map_err(kafka("cannot create the transactional producer"))?;
+        let changelog = KafkaChangelog { config, producer };
+        changelog.check_topics()?;
+        changelog
+            .producer
+            .init_transactions(changelog.config.timeout)
+            .map_err(kafka("cannot initialize transactions"))?;
+        Ok(changelog)
+    }
+
+    /// The changelog topic has one partition per runtime partition; egress topics exist.
+    fn check_topics(&self) -> Result<(), Error> {
+        let partitions_of = |topic: &str| -> Result<usize, Error> {
+            let md = self
+                .producer
+                .client()
+                .fetch_metadata(Some(topic), self.config.timeout)
+                .map_err(kafka("cannot read topic metadata"))?;
+            Ok(md
+                .topics()
+                .iter()
+                .find(|t| t.name() == topic && t.error().is_none())
+                .map_or(0, |t| t.partitions().len()))
+        };
+        let n = partitions_of(&self.config.topic)?;
+        if n != self.config.partitions as usize {
+            return Err(Error {
+                what: "changelog topic has the wrong partition count",
+                source: KafkaError::MetadataFetch(RDKafkaErrorCode::InvalidPartitions),
+            })
+            .inspect_err(|_| {
+                tracing::error!(
+                    topic = %self.config.topic,
+                    found = n,
+                    expected = self.config.partitions,
+                    "the changelog topic must have one partition per runtime partition"
+                )
+            });
+        }
+        for topic in self.config.egress_topics.values() {
+            if partitions_of(topic)? == 0 {
+                return Err(Error {
+                    what: "egress topic does not exist",
+                    source: KafkaError::MetadataFetch(RDKafkaErrorCode::UnknownTopic),
+                })
+                .inspect_err(|_| tracing::error!(topic = %topic, "create the egress topic first"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &KafkaChangelogConfig {
+        &self.config
+    }
+
+    /// Queues one record, polling while the producer's queue is full.
+    fn send(&self, mut record: BaseRecord<'_, [u8], [u8]>) -> Result<(), StateError> {
+        loop {
+            match self.producer.send(record) {
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                    record = r;
+                    self.producer.poll(Duration::from_millis(1));
+                }
+                Err((e, _)) => return Err(state_error("cannot produce", &e)),
+            }
+        }
+    }
+
+    fn produce(&self, unit: &CommitUnit) -> Result<(), StateError> {
+        for (p, changes) in &unit.changes {
+            for (key, value) in changes {
+                let mut r = BaseRecord::<[u8], [u8]>::to(&self.config.topic)
+                    .partition(p.0 as i32)
+                    .key(key.as_ref());
+                if let Some(v) = value {
+                    r = r.payload(v.as_ref());
+                }
+                self.send(r)?;
+            }
+        }
+        for record in &unit.egress {
+            let topic =
+                self.config.egress_topics.get(&record.egress).ok_or_else(|| {
+                    StateError::Permanent(format!("no topic configured for egress {}", record.egress))
+                })?;
+            let id = record.id.map(|i| i.to_string());
+            let headers = crate::egress_headers(record, id.as_deref());
+            let mut r = BaseRecord::<[u8], [u8]>::to(topic)
+                .key(record.source.id().as_bytes())
+                .headers(headers);
+            if let Some(v) = record.message.bytes() {
+                r = r.payload(v.as_ref());
+            }
+            self.send(r)?;
+        }
+        // Delivery reports with short polls: `commit_transaction` would flush in
+        // 100 ms steps (docs/guarantees.md, "Transaction cost").
+        let deadline = Instant::now() + self.config.timeout;
+        while self.producer.in_flight_count() > 0 {
+            if Instant::now() > deadline {
+                return Err(StateError::Transient(format!(
+                    "kafka changelog: records not acknowledged within {:?}",
+                    self.config.timeout
+                )));
+            }
+            self.producer.poll(Duration::from_millis(1));
+        }
+        match self
+            .producer
+            .context()
+            .state
+            .lock()
+            .expect("deliveries lock")
+            .error
+            .take()
+        {
+            Some(e) => Err(StateError::Transient(format!("kafka changelog: {e}"))),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Changelog for KafkaChangelog {
+    fn takes_egress(&self, egress: &TypeName) -> bool {
+        self.config.egress_topics.contains_key(egress)
+    }
+
+    fn commit(&self, unit: &CommitUnit) -> Result<Vec<(PartitionId, i64)>, StateError> {
+        *self.producer.context().state.lock().expect("deliveries lock") = Deliveries::default();
+        self.producer
+            .begin_transaction()
+            .map_err(|e| state_error("cannot begin a transaction", &e))?;
+        let committed = self.produce(unit).and_then(|()| {
+            self.producer
+                .commit_transaction(self.config.timeout)
+                .map_err(|e| state_error("cannot commit the transaction", &e))
+        });
+        if let Err(e) = committed {
+            if matches!(e, StateError::Transient(_))
+                && let Err(abort) = self.producer.abort_transaction(self.config.timeout)
+            {
+                return Err(state_error("cannot abort the failed transaction", &abort));
+            }
+            return Err(e);
+        }
+        let d = self.producer.context().state.lock().expect("deliveries lock");
+        Ok(d.positions.iter().map(|(p, o)| (PartitionId(*p as u32), *o)).collect())
+    }
+
+    fn restore(
+        &self,
+        partition: PartitionId,
+        after: Option<i64>,
+        apply: &mut dyn FnMut(Vec<RawOp>, i64) -> Result<(), StateError>,
+    ) -> Result<(), StateError> {
+        const CHUNK: usize = 4096;
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.config.bootstrap_servers)
+            .set("group.id", format!("{}-restore", self.config.transactional_id))
+            .set("enable.auto.commit", "false")
+            .set("isolation.level", "read_committed")
+            .create()
+            .map_err(|e| state_error("cannot create the restore consumer", &e))?;
+        let p = partition.0 as i32;
+        let (_, high) = consumer
+            .fetch_watermarks(&self.config.topic, p, self.config.timeout)
+            .map_err(|e| state_error("cannot read the changelog's end", &e))?;
+        let start = after.map_or(0, |a| a + 1);
+        if start >= high {
+            return Ok(());
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&self.config.topic, p, Offset::Offset(start))
+            .map_err(|e| state_error("cannot assign the changelog partition", &e))?;
+        consumer
+            .assign(&tpl)
+            .map_err(|e| state_error("cannot assign the changelog partition", &e))?;
+        let mut chunk = Vec::new();
+        let mut last = None;
+        let mut stalled_since = Instant::now();
+        loop {
+            let position = consumer
+                .position()
+                .ok()
+                .and_then(|l| {
+                    l.find_partition(&self.config.topic, p)
+                        .and_then(|e| e.offset().to_raw())
+                })
+                .unwrap_or(start);
+            if position >= high {
+                break;
+            }
+            match consumer.poll(Duration::from_millis(100)) {
+                Some(Ok(m)) => {
+                    stalled_since = Instant::now();
+                    let Some(key) = m.key() else { continue };
+                    chunk.push(RawOp {
+                        key: Bytes::copy_from_slice(key),
+                        value: m.payload().map(Bytes::copy_from_slice),
+                    });
+                    last = Some(m.offset());
+                    if chunk.len() >= CHUNK {
+                        apply(std::mem::take(&mut chunk), m.offset())?;
+                    }
+                }
+                Some(Err(e)) => return Err(state_error("cannot read the changelog", &e)),
+                None if stalled_since.elapsed() > self.config.timeout => {
+                    return Err(StateError::Transient(format!(
+                        "kafka changelog: restore of {}/{p} stalled at offset {position} of {high} for {:?} \
+                         (an open transaction of another producer holds it back?)",
+                        self.config.topic, self.config.timeout
+                    )));
+                }
+                None => {}
+            }
+        }
+        if let Some(last) = last
+            && !chunk.is_empty()
+        {
+            apply(chunk, last)?;
+        }
+        Ok(())
+    }
+}

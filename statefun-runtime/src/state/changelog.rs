@@ -1,0 +1,418 @@
+//! A changelogged RocksDB backend: writes become durable in a [`Changelog`] (a Kafka
+//! transaction, in `statefun-kafka`) per commit interval, and reach RocksDB only after
+//! that commit, in one batch with the changelog position they bring each partition to.
+//!
+//! Why it exists: with state on one machine's disk, an instance's partitions cannot
+//! move to another instance, and egress records cannot be committed together with the
+//! state that produced them. Here the changelog is the source of truth and RocksDB a
+//! materialized copy that is always at a committed point (or behind it): a crash
+//! anywhere leaves RocksDB at an earlier commit, and opening the backend replays the
+//! changelog's tail from the stored position (or the whole changelog into an empty
+//! directory). See `docs/guarantees.md`, "Kafka mode".
+//!
+//! How: every [`WriteBatch`] of a partition is encoded to raw key changes
+//! ([`encode_batch`]) and put into an in-memory overlay, under one lock, so a batch is
+//! never split between two commits (its inbox puts may touch other partitions). Reads
+//! see the overlay first, then RocksDB. Egress records of the egress ids the changelog
+//! [takes](Changelog::takes_egress) are not written anywhere: they go into the commit
+//! unit and are produced in the same transaction. [`StateBackend::commit`] seals the
+//! overlay into a [`CommitUnit`] (the latest value per key), hands it to
+//! [`Changelog::commit`], then applies it to RocksDB. A failed commit keeps the unit;
+//! the next commit merges the newer writes into it and tries again, so nothing written
+//! is lost and readers never see a value go back.
+//!
+//! A source may acknowledge only what is committed:
+//! [`StateBackend::committed_progress`] reads RocksDB, not the overlay.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use statefun_sdk::{Address, TypeName};
+
+use super::rocksdb::{RawOp, decode_log_key, decode_value, encode_batch, log_kind_byte};
+use super::{Error, LogKey, LogKind, PartitionStore, RocksDbBackend, StateBackend, StoredValue, WriteBatch, keys};
+use crate::egress::{EgressId, EgressRecord};
+use crate::partitioner::PartitionId;
+
+/// Raw changes of one partition: the latest value per key (`None`: deleted).
+pub type Changes = BTreeMap<Bytes, Option<Bytes>>;
+
+/// What one commit makes durable, atomically.
+#[derive(Debug, Clone, Default)]
+pub struct CommitUnit {
+    /// Per partition, the latest value of every key changed since the last commit.
+    pub changes: BTreeMap<PartitionId, Changes>,
+    /// Egress records produced since the last commit, in production order per
+    /// partition. Each has its [`EgressId`].
+    pub egress: Vec<EgressRecord>,
+}
+
+impl CommitUnit {
+    /// True when there is nothing to commit.
+    pub fn is_empty(&self) -> bool {
+        self.changes.is_empty() && self.egress.is_empty()
+    }
+
+    /// Number of changed keys over all partitions.
+    pub fn change_count(&self) -> usize {
+        self.changes.values().map(BTreeMap::len).sum()
+    }
+
+    /// Adds `later`'s changes and egress on top of this unit's.
+    fn merge(&mut self, later: CommitUnit) {
+        for (p, changes) in later.changes {
+            self.changes.entry(p).or_default().extend(changes);
+        }
+        self.egress.extend(later.egress);
+    }
+
+    fn get(&self, partition: PartitionId, key: &[u8]) -> Option<&Option<Bytes>> {
+        self.changes.get(&partition)?.get(key)
+    }
+}
+
+/// Where a [`ChangelogBackend`] makes its writes durable.
+pub trait Changelog: Send + Sync + 'static {
+    /// Whether records of egress `egress` are committed by this changelog (produced in
+    /// the same transaction as the state changes) instead of handed to the runtime's
+    /// egress sinks.
+    fn takes_egress(&self, egress: &TypeName) -> bool;
+
+    /// Makes `unit` durable, atomically: after `Ok` every change and egress record of
+    /// it is committed; after `Err` none is (the backend keeps the unit and retries it,
+    /// merged with later changes). Returns, per partition with changes, the changelog
+    /// position of its last change. Blocking.
+    fn commit(&self, unit: &CommitUnit) -> Result<Vec<(PartitionId, i64)>, Error>;
+
+    /// Reads the committed changes of `partition` after position `after` (from the
+    /// start if `None`) up to the end, in order, calling `apply` with chunks of them and
+    /// the position of each chunk's last change. Blocking.
+    fn restore(
+        &self,
+        partition: PartitionId,
+        after: Option<i64>,
+        apply: &mut dyn FnMut(Vec<RawOp>, i64) -> Result<(), Error>,
+    ) -> Result<(), Error>;
+}
+
+/// The partition a raw key belongs to: keyed kinds carry it after the version and kind
+/// bytes; meta keys (`0x00 ...`) are kept with partition 0.
+fn partition_of_key(key: &[u8]) -> PartitionId {
+    match key {
+        [keys::FORMAT_VERSION, _, a, b, c, d, ..] => PartitionId(u32::from_be_bytes([*a, *b, *c, *d])),
+        _ => PartitionId(0),
+    }
+}
+
+struct Overlay {
+    /// Writes since the last seal.
+    current: CommitUnit,
+    /// The sealed unit being committed (or that failed to commit); empty when idle.
+    committing: Arc<CommitUnit>,
+}
+
+struct Inner {
+    rocks: RocksDbBackend,
+    changelog: Arc<dyn Changelog>,
+    interval: Duration,
+    overlay: Mutex<Overlay>,
+    /// One commit at a time.
+    commit_lock: Mutex<()>,
+}
+
+/// RocksDB state made durable through a [`Changelog`] (module docs). Clones share the
+/// database, the overlay and the changelog.
+#[derive(Clone)]
+pub struct ChangelogBackend {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for ChangelogBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChangelogBackend")
+            .field("rocks", &self.inner.rocks)
+            .field("interval", &self.inner.interval)
+            .finish()
+    }
+}
+
+/// How far [`ChangelogBackend::open`] caught up.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Restored {
+    /// Changes applied from the changelog, over all partitions.
+    pub changes: u64,
+    /// Partitions whose local data was behind the changelog.
+    pub partitions: Vec<PartitionId>,
+}
+
+impl ChangelogBackend {
+    /// Brings `rocks` up to the end of `changelog` for partitions `0..partitions`
+    /// (replaying each partition's tail after its stored position, or everything into
+    /// an empty database), and returns the backend. `interval` is how often the runtime
+    /// commits ([`StateBackend::commit_interval`]).
+    pub fn open(
+        rocks: RocksDbBackend,
+        changelog: Arc<dyn Changelog>,
+        partitions: u32,
+        interval: Duration,
+    ) -> Result<(ChangelogBackend, Restored), Error> {
+        let mut restored = Restored::default();
+        for p in (0..partitions).map(PartitionId) {
+            let after = rocks.changelog_position(p)?;
+            let mut applied = 0u64;
+            changelog.restore(p, after, &mut |ops, position| {
+                applied += ops.len() as u64;
+                rocks.apply_raw(&ops, &[(p, position)])
+            })?;
+            if applied > 0 {
+                restored.changes += applied;
+                restored.partitions.push(p);
+            }
+        }
+        let backend = ChangelogBackend {
+            inner: Arc::new(Inner {
+                rocks,
+                changelog,
+                interval,
+                overlay: Mutex::new(Overlay {
+                    current: CommitUnit::default(),
+                    committing: Arc::default(),
+                }),
+                commit_lock: Mutex::new(()),
+            }),
+        };
+        Ok((backend, restored))
+    }
+
+    /// The RocksDB database underneath (committed data only).
+    pub fn rocks(&self) -> &RocksDbBackend {
+        &self.inner.rocks
+    }
+
+    /// Writes not yet committed (sealed or not), in changed keys plus egress records.
+    pub fn pending(&self) -> usize {
+        let o = self.inner.overlay.lock().expect("overlay lock");
+        o.current.change_count() + o.current.egress.len() + o.committing.change_count() + o.committing.egress.len()
+    }
+
+    /// Reads `key` of `partition` as the runtime sees it: the overlay, then RocksDB.
+    fn read(&self, partition: PartitionId, key: &[u8]) -> Result<Option<Bytes>, Error> {
+        {
+            let o = self.inner.overlay.lock().expect("overlay lock");
+            if let Some(v) = o
+                .current
+                .get(partition, key)
+                .or_else(|| o.committing.get(partition, key))
+            {
+                return Ok(v.clone());
+            }
+        }
+        self.inner.rocks.get_raw(key)
+    }
+
+    fn stage(&self, unit: CommitUnit) {
+        let mut o = self.inner.overlay.lock().expect("overlay lock");
+        o.current.merge(unit);
+    }
+}
+
+impl StateBackend for ChangelogBackend {
+    fn open_partition(&self, partition: PartitionId) -> Result<Box<dyn PartitionStore>, Error> {
+        Ok(Box::new(StagedStore {
+            partition,
+            backend: self.clone(),
+        }))
+    }
+
+    /// A checkpoint of RocksDB: committed data with the changelog positions it is at.
+    fn checkpoint(&self) -> Result<Option<super::CheckpointInfo>, Error> {
+        self.inner.rocks.checkpoint()
+    }
+
+    fn durable(&self) -> bool {
+        true
+    }
+
+    /// Read from the overlay or RocksDB (which the changelog restored), and committed
+    /// before it is returned, so a restore onto another machine never reuses a number.
+    fn next_incarnation(&self) -> Result<u64, Error> {
+        let key = RocksDbBackend::incarnation_key();
+        let last = match self.read(PartitionId(0), key)? {
+            None => 0,
+            Some(v) => u64::from_be_bytes(
+                v.as_ref()
+                    .try_into()
+                    .map_err(|_| Error::Permanent("corrupt incarnation marker".to_owned()))?,
+            ),
+        };
+        let next = last + 1;
+        let mut unit = CommitUnit::default();
+        unit.changes.entry(PartitionId(0)).or_default().insert(
+            Bytes::from_static(key),
+            Some(Bytes::copy_from_slice(&next.to_be_bytes())),
+        );
+        self.stage(unit);
+        self.commit()?;
+        Ok(next)
+    }
+
+    fn check_partitions(&self, partitions: u32) -> Result<(), Error> {
+        self.inner.rocks.check_partitions(partitions)
+    }
+
+    /// Read from RocksDB only: what is committed (module docs).
+    fn committed_progress(&self, partition: PartitionId, source: &str) -> Result<Option<u64>, Error> {
+        self.inner.rocks.open_partition(partition)?.progress(source)
+    }
+
+    fn takes_egress(&self, egress: &TypeName) -> bool {
+        self.inner.changelog.takes_egress(egress)
+    }
+
+    fn commit_interval(&self) -> Option<Duration> {
+        Some(self.inner.interval)
+    }
+
+    fn commit(&self) -> Result<(), Error> {
+        let _one = self.inner.commit_lock.lock().expect("commit lock");
+        let unit = {
+            let mut o = self.inner.overlay.lock().expect("overlay lock");
+            let current = std::mem::take(&mut o.current);
+            if o.committing.is_empty() {
+                if current.is_empty() {
+                    return Ok(());
+                }
+                o.committing = Arc::new(current);
+            } else {
+                let mut merged = CommitUnit::clone(&o.committing);
+                merged.merge(current);
+                o.committing = Arc::new(merged);
+            }
+            Arc::clone(&o.committing)
+        };
+        let positions = self.inner.changelog.commit(&unit)?;
+        let ops: Vec<RawOp> = unit
+            .changes
+            .values()
+            .flat_map(|c| {
+                c.iter().map(|(k, v)| RawOp {
+                    key: k.clone(),
+                    value: v.clone(),
+                })
+            })
+            .collect();
+        let applied = self.inner.rocks.apply_raw(&ops, &positions);
+        let mut o = self.inner.overlay.lock().expect("overlay lock");
+        o.committing = match applied {
+            Ok(()) => Arc::default(),
+            // Committed: the egress records must not be produced again. The changes
+            // stay readable and are committed again (same values) with the next unit.
+            Err(_) => Arc::new(CommitUnit {
+                changes: unit.changes.clone(),
+                egress: Vec::new(),
+            }),
+        };
+        applied
+    }
+}
+
+/// One partition's view: the overlay over the committed data.
+struct StagedStore {
+    partition: PartitionId,
+    backend: ChangelogBackend,
+}
+
+impl StagedStore {
+    /// The egress record a log put carries, if the changelog takes its egress id.
+    /// Entries that do not decode as egress records are stored like any log entry:
+    /// the store keeps log values opaque.
+    fn taken_egress(&self, op: &super::LogOp) -> Option<EgressRecord> {
+        let (LogKey::Egress { seq }, Some(value)) = (op.key, &op.value) else {
+            return None;
+        };
+        let (mut record, run) = super::entries::decode_egress(value).ok()?;
+        if !self.backend.inner.changelog.takes_egress(&record.egress) {
+            return None;
+        }
+        record.id = Some(EgressId {
+            run,
+            partition: op.partition,
+            seq,
+        });
+        Some(record)
+    }
+}
+
+impl PartitionStore for StagedStore {
+    fn get(&self, address: &Address, name: &str) -> Result<Option<StoredValue>, Error> {
+        let key = keys::state_key(self.partition, address, name);
+        match self.backend.read(self.partition, &key)? {
+            None => Ok(None),
+            Some(v) => decode_value(&v)
+                .map(Some)
+                .map_err(|e| Error::Permanent(format!("corrupt value of {address} state {name:?}: {e}"))),
+        }
+    }
+
+    fn write(&mut self, mut batch: WriteBatch) -> Result<(), Error> {
+        let mut unit = CommitUnit::default();
+        let mut kept = Vec::with_capacity(batch.log.len());
+        for op in std::mem::take(&mut batch.log) {
+            match self.taken_egress(&op) {
+                Some(record) => unit.egress.push(record),
+                None => kept.push(op),
+            }
+        }
+        batch.log = kept;
+        for op in encode_batch(self.partition, &batch)? {
+            unit.changes
+                .entry(partition_of_key(&op.key))
+                .or_default()
+                .insert(op.key, op.value);
+        }
+        self.backend.stage(unit);
+        Ok(())
+    }
+
+    fn progress(&self, source: &str) -> Result<Option<u64>, Error> {
+        let key = keys::progress_key(self.partition, source).map_err(|e| Error::Permanent(e.to_string()))?;
+        match self.backend.read(self.partition, &key)? {
+            None => Ok(None),
+            Some(v) => Ok(Some(u64::from_be_bytes(v.as_ref().try_into().map_err(|_| {
+                Error::Permanent(format!("corrupt progress marker of {source:?}"))
+            })?))),
+        }
+    }
+
+    fn log(&self, kind: LogKind) -> Result<Vec<(LogKey, Bytes)>, Error> {
+        // No commit may move data from the overlay into RocksDB between the scan and
+        // the overlay read below.
+        let _no_commit = self.backend.inner.commit_lock.lock().expect("commit lock");
+        let prefix = keys::partition_prefix(log_kind_byte(kind), self.partition);
+        let path = self.backend.inner.rocks.path();
+        let mut entries: HashMap<LogKey, Bytes> = HashMap::new();
+        for (key, value) in self.backend.inner.rocks.scan_raw(&prefix)? {
+            entries.insert(decode_log_key(&key, self.partition, path)?, value);
+        }
+        let o = self.backend.inner.overlay.lock().expect("overlay lock");
+        for layer in [&*o.committing, &o.current] {
+            if let Some(changes) = layer.changes.get(&self.partition) {
+                for (key, value) in changes.range(Bytes::from(prefix.clone())..) {
+                    if !key.starts_with(&prefix) {
+                        break;
+                    }
+                    let k = decode_log_key(key, self.partition, path)?;
+                    match value {
+                        Some(v) => entries.insert(k, v.clone()),
+                        None => entries.remove(&k),
+                    };
+                }
+            }
+        }
+        let mut out: Vec<_> = entries.into_iter().collect();
+        out.sort_by_key(|(k, _)| *k);
+        Ok(out)
+    }
+}
