@@ -7,7 +7,7 @@
 CARGO_TARGET_DIR ?= $(HOME)/.cache/statefun-rs/target
 export CARGO_TARGET_DIR
 
-.PHONY: demo test bench soak setup fmt
+.PHONY: demo test bench bench-kafka soak setup fmt
 
 ## Run the retail reference application in-process (embedded default) and check its invariants.
 demo: setup
@@ -20,6 +20,11 @@ test: setup
 ## Run the criterion benchmarks (numbers in docs/performance.md).
 bench: setup
 	cargo bench --locked -p statefun-benches
+
+## End-to-end Kafka benchmark: Kafka mode vs a raw librdkafka pipe on the test broker (after `make bench`,
+## whose optimized RocksDB it reuses).
+bench-kafka: setup
+	scripts/bench-kafka
 
 ## Crash soak: SIGKILL a RocksDB-backed workload KILLS times and compare with a crash-free run.
 KILLS ?= 20

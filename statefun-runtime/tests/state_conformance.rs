@@ -486,3 +486,58 @@ fn changelogged_progress_is_committed_only_by_a_successful_commit() {
     assert_eq!(s.get(&a, "x").unwrap().unwrap().value, Bytes::from_static(b"2"));
     assert_eq!(restored.committed_progress(p, "src").unwrap(), Some(7));
 }
+
+/// A log entry put and deleted within one commit interval never reaches the
+/// changelog; one put before a commit and deleted after it is deleted there too.
+#[test]
+fn changelogged_log_entries_done_within_an_interval_are_never_committed() {
+    let subject = Changelogged::new();
+    let b = subject.open();
+    let p = PartitionId(0);
+    let mut s = b.open_partition(p).unwrap();
+    let (short, long) = (LogKey::Inbox { sender: p, seq: 1 }, LogKey::Inbox { sender: p, seq: 2 });
+    let write = |s: &mut Box<dyn PartitionStore>, log: Vec<LogOp>| {
+        s.write(WriteBatch {
+            log,
+            ..Default::default()
+        })
+        .unwrap()
+    };
+    write(&mut s, vec![log_put(0, short, b"m1"), log_put(0, long, b"m2")]);
+    write(&mut s, vec![LogOp::delete(p, short)]);
+    assert_eq!(
+        s.log(LogKind::Inbox).unwrap().len(),
+        1,
+        "the overlay reflects the delete"
+    );
+    b.commit().unwrap();
+    let committed = |subject: &Changelogged| {
+        subject
+            .changelog
+            .log
+            .lock()
+            .unwrap()
+            .get(&p)
+            .cloned()
+            .unwrap_or_default()
+    };
+    assert_eq!(
+        committed(&subject).len(),
+        1,
+        "only the entry still pending was committed"
+    );
+    write(&mut s, vec![LogOp::delete(p, long)]);
+    b.commit().unwrap();
+    let log = committed(&subject);
+    assert_eq!(log.len(), 2);
+    assert_eq!(log[1].value, None, "a committed entry is deleted by a tombstone");
+    assert!(
+        subject
+            .open()
+            .open_partition(p)
+            .unwrap()
+            .log(LogKind::Inbox)
+            .unwrap()
+            .is_empty()
+    );
+}

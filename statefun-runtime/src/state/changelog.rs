@@ -106,6 +106,18 @@ fn partition_of_key(key: &[u8]) -> PartitionId {
     }
 }
 
+/// Inbox, timer and egress log keys: written once (unique sequence numbers).
+fn is_log_key(key: &[u8]) -> bool {
+    matches!(
+        key,
+        [
+            keys::FORMAT_VERSION,
+            keys::KIND_INBOX | keys::KIND_TIMER | keys::KIND_EGRESS,
+            ..
+        ]
+    )
+}
+
 struct Overlay {
     /// Writes since the last seal.
     current: CommitUnit,
@@ -212,9 +224,23 @@ impl ChangelogBackend {
         self.inner.rocks.get_raw(key)
     }
 
+    /// Adds one write to the pending writes. A log entry put and deleted before the
+    /// next seal (a message processed, a timer fired or cancelled, within one
+    /// interval) is dropped: its key is unique (a sequence number), so it never
+    /// reached the changelog or RocksDB, and neither needs to hear of it.
     fn stage(&self, unit: CommitUnit) {
         let mut o = self.inner.overlay.lock().expect("overlay lock");
-        o.current.merge(unit);
+        for (p, changes) in unit.changes {
+            let current = o.current.changes.entry(p).or_default();
+            for (key, value) in changes {
+                if value.is_none() && is_log_key(&key) && matches!(current.get(&key), Some(Some(_))) {
+                    current.remove(&key);
+                } else {
+                    current.insert(key, value);
+                }
+            }
+        }
+        o.current.egress.extend(unit.egress);
     }
 }
 
