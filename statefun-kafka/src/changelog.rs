@@ -136,7 +136,10 @@ impl std::fmt::Debug for KafkaChangelog {
 }
 
 fn kafka(what: &'static str) -> impl FnOnce(KafkaError) -> Error {
-    move |source| Error { what, source }
+    move |source| Error {
+        what: what.into(),
+        source,
+    }
 }
 
 /// Maps a Kafka error of a transactional call: fatal errors (a fenced producer, an
@@ -182,10 +185,9 @@ impl KafkaChangelog {
                 Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
                 Err((t, code)) => {
                     return Err(Error {
-                        what: "cannot create the changelog topic",
+                        what: format!("cannot create the changelog topic {t}").into(),
                         source: KafkaError::AdminOp(code),
-                    })
-                    .inspect_err(|_| tracing::error!(topic = %t, "changelog topic creation failed"));
+                    });
                 }
             }
         }
@@ -194,6 +196,8 @@ impl KafkaChangelog {
             .set("transactional.id", &config.transactional_id)
             .set("enable.idempotence", "true")
             .set("linger.ms", "1")
+            // A missing egress topic is an error, not a topic created with defaults.
+            .set("allow.auto.create.topics", "false")
             .set("transaction.timeout.ms", "60000");
         for (k, v) in &config.properties {
             cc.set(k, v);
@@ -230,33 +234,24 @@ impl KafkaChangelog {
         let n = partitions_of(&self.config.topic)?;
         if n != self.config.partitions as usize {
             return Err(Error {
-                what: "changelog topic has the wrong partition count",
-                source: KafkaError::MetadataFetch(RDKafkaErrorCode::InvalidPartitions),
-            })
-            .inspect_err(|_| {
-                tracing::error!(
-                    topic = %self.config.topic,
-                    found = n,
-                    expected = self.config.partitions,
-                    "the changelog topic must have one partition per runtime partition"
+                what: format!(
+                    "changelog topic {} has {n} partitions; it needs one per runtime partition ({}). \
+                     Use another topic, or the partition count it was created for",
+                    self.config.topic, self.config.partitions
                 )
+                .into(),
+                source: KafkaError::MetadataFetch(RDKafkaErrorCode::InvalidPartitions),
             });
         }
         for topic in self.config.egress_topics.values() {
             if partitions_of(topic)? == 0 {
                 return Err(Error {
-                    what: "egress topic does not exist",
+                    what: format!("egress topic {topic} does not exist; create it first").into(),
                     source: KafkaError::MetadataFetch(RDKafkaErrorCode::UnknownTopic),
-                })
-                .inspect_err(|_| tracing::error!(topic = %topic, "create the egress topic first"));
+                });
             }
         }
         Ok(())
-    }
-
-    /// The configuration.
-    pub fn config(&self) -> &KafkaChangelogConfig {
-        &self.config
     }
 
     /// Queues one record, polling while the producer's queue is full.

@@ -175,7 +175,7 @@ impl KafkaIngressConfig {
 #[derive(Debug, thiserror::Error)]
 #[error("kafka {what}: {source}")]
 pub struct Error {
-    what: &'static str,
+    what: std::borrow::Cow<'static, str>,
     #[source]
     source: rdkafka::error::KafkaError,
 }
@@ -212,12 +212,12 @@ impl KafkaIngress {
             cc.set(k, v);
         }
         let consumer: StreamConsumer = cc.create().map_err(|source| Error {
-            what: "cannot create consumer",
+            what: "cannot create consumer".into(),
             source,
         })?;
         let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics).map_err(|source| Error {
-            what: "cannot subscribe",
+            what: "cannot subscribe".into(),
             source,
         })?;
         Ok(KafkaIngress {
@@ -339,7 +339,7 @@ fn producer(
         cc.set(k, v);
     }
     cc.create().map_err(|source| Error {
-        what: "cannot create producer",
+        what: "cannot create producer".into(),
         source,
     })
 }
@@ -373,7 +373,7 @@ impl KafkaEgress {
     /// Waits until every record handed over so far is acknowledged (or `timeout`).
     pub fn flush(&self, timeout: Duration) -> Result<(), Error> {
         self.producer.flush(timeout).map_err(|source| Error {
-            what: "flush failed",
+            what: "flush failed".into(),
             source,
         })
     }
@@ -437,7 +437,7 @@ impl KafkaDeadLetters {
     /// Waits until every dead letter handed over so far is acknowledged.
     pub fn flush(&self, timeout: Duration) -> Result<(), Error> {
         self.producer.flush(timeout).map_err(|source| Error {
-            what: "flush failed",
+            what: "flush failed".into(),
             source,
         })
     }

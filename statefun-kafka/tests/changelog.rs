@@ -5,7 +5,8 @@
 //! read_committed consumer (no id and no payload twice, none missing); the state lives
 //! in the changelog: an instance that lost its whole RocksDB directory restores it from
 //! the changelog topic and continues the counts where they were; a second producer with the same
-//! transactional id fences the first, whose next commit fails permanently.
+//! transactional id fences the first, whose next commit fails permanently; a changelog
+//! topic with another partition count and a missing egress topic are refused by name.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -224,4 +225,24 @@ async fn a_restarted_instance_fences_the_old_one_whose_writes_never_commit() {
         "the zombie's write never reached the changelog"
     );
     new.commit().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changelog_topic_with_another_partition_count_and_a_missing_egress_topic_are_refused() {
+    let t = Topics::new().await;
+    KafkaChangelog::connect(t.changelog_config()).await.unwrap();
+    let mut other = t.changelog_config();
+    other.partitions = 2;
+    other.transactional_id = unique("cl-other");
+    let e = KafkaChangelog::connect(other).await.unwrap_err().to_string();
+    assert!(e.contains(&t.changelog) && e.contains("has 4 partitions"), "{e}");
+    let missing = unique("cl-missing");
+    let e = KafkaChangelog::connect(
+        KafkaChangelogConfig::new(bootstrap(), unique("cl-changelog"), PARTITIONS, unique("cl-instance"))
+            .egress(OUT, &missing),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains(&missing) && e.contains("does not exist"), "{e}");
 }

@@ -55,11 +55,6 @@ impl CommitUnit {
         self.changes.is_empty() && self.egress.is_empty()
     }
 
-    /// Number of changed keys over all partitions.
-    pub fn change_count(&self) -> usize {
-        self.changes.values().map(BTreeMap::len).sum()
-    }
-
     /// Adds `later`'s changes and egress on top of this unit's.
     fn merge(&mut self, later: CommitUnit) {
         for (p, changes) in later.changes {
@@ -196,17 +191,6 @@ impl ChangelogBackend {
             }),
         };
         Ok((backend, restored))
-    }
-
-    /// The RocksDB database underneath (committed data only).
-    pub fn rocks(&self) -> &RocksDbBackend {
-        &self.inner.rocks
-    }
-
-    /// Writes not yet committed (sealed or not), in changed keys plus egress records.
-    pub fn pending(&self) -> usize {
-        let o = self.inner.overlay.lock().expect("overlay lock");
-        o.current.change_count() + o.current.egress.len() + o.committing.change_count() + o.committing.egress.len()
     }
 
     /// Reads `key` of `partition` as the runtime sees it: the overlay, then RocksDB.

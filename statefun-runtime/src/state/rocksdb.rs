@@ -515,11 +515,6 @@ impl RocksDbBackend {
     pub fn incarnation_key() -> &'static [u8] {
         META_INCARNATION_KEY
     }
-
-    /// The partition count recorded by [`StateBackend::check_partitions`] (raw key).
-    pub fn partitions_key() -> &'static [u8] {
-        META_PARTITIONS_KEY
-    }
 }
 
 #[cfg(test)]
