@@ -442,10 +442,16 @@ pub fn read_kafka_egress(kafka: &KafkaArgs) -> anyhow::Result<(BTreeMap<String, 
         .create()?;
     let md = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
     let partitions = md.topics().first().map_or(0, |t| t.partitions().len()) as i32;
+    // The high watermark, not the last stable offset a read_committed client's query
+    // would return (it can stop short of a transaction whose markers are not written).
+    let watermarks: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &kafka.bootstrap)
+        .set("isolation.level", "read_uncommitted")
+        .create()?;
     let mut tpl = rdkafka::TopicPartitionList::new();
     let mut ends = BTreeMap::new();
     for p in 0..partitions {
-        let (_, high) = consumer.fetch_watermarks(&topic, p, Duration::from_secs(10))?;
+        let (_, high) = watermarks.fetch_watermarks(&topic, p, Duration::from_secs(10))?;
         ends.insert(p, high);
         tpl.add_partition_offset(&topic, p, rdkafka::Offset::Beginning)?;
     }

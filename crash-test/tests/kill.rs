@@ -60,9 +60,9 @@ fn sigkilled_runs_end_in_the_same_state_as_a_crash_free_run() {
     soak(None, 12_000, (150, 1200));
 }
 
-/// Kafka mode: the killed child commits state and egress in Kafka transactions (a kill
-/// lands inside an open transaction most of the time: one is open for all but the
-/// commit itself). Its egress topic, read with read_committed, must hold every record
+/// Kafka mode: the killed child commits state and egress in Kafka transactions; a kill
+/// lands between commits (pending writes lost), inside a commit (open transaction), or
+/// between a commit and its RocksDB write. Its egress topic, read with read_committed, must hold every record
 /// of the crash-free run exactly once, with nothing removed by id.
 #[test]
 fn sigkilled_kafka_mode_runs_commit_state_and_egress_exactly_once() {

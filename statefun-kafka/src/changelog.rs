@@ -89,8 +89,8 @@ impl KafkaChangelogConfig {
 struct Deliveries {
     /// Per changelog partition, the highest offset written.
     positions: HashMap<i32, i64>,
-    /// The first failed delivery.
-    error: Option<String>,
+    /// The first failed delivery, and where it went.
+    error: Option<(KafkaError, String)>,
 }
 
 struct Reports {
@@ -113,7 +113,7 @@ impl ProducerContext for Reports {
             Ok(_) => {}
             Err((e, m)) => {
                 d.error
-                    .get_or_insert_with(|| format!("delivery to {}/{} failed: {e}", m.topic(), m.partition()));
+                    .get_or_insert_with(|| (e.clone(), format!("{}/{}", m.topic(), m.partition())));
             }
         }
     }
@@ -158,6 +158,32 @@ fn state_error(what: &str, e: &KafkaError) -> StateError {
     } else {
         StateError::Transient(msg)
     }
+}
+
+/// A permanent error: the runtime stops and a restart settles the transaction.
+fn permanent(what: &str, e: &KafkaError) -> StateError {
+    StateError::Permanent(format!(
+        "kafka changelog: {what}: {e}. Restart the instance: `init_transactions` settles the open \
+         transaction and the state is restored from the changelog"
+    ))
+}
+
+/// Delivery errors that no retry cures.
+fn is_refused(code: RDKafkaErrorCode) -> bool {
+    use RDKafkaErrorCode::*;
+    matches!(
+        code,
+        MessageSizeTooLarge
+            | InvalidMessage
+            | InvalidMessageSize
+            | MessageBatchTooLarge
+            | InvalidRecord
+            | TopicAuthorizationFailed
+            | TransactionalIdAuthorizationFailed
+            | ClusterAuthorizationFailed
+            | UnknownTopicOrPartition
+            | PolicyViolation
+    )
 }
 
 impl KafkaChangelog {
@@ -263,7 +289,7 @@ impl KafkaChangelog {
                     record = r;
                     self.producer.poll(Duration::from_millis(1));
                 }
-                Err((e, _)) => return Err(state_error("cannot produce", &e)),
+                Err((e, _)) => return Err(permanent("the producer refused a record", &e)),
             }
         }
     }
@@ -316,8 +342,14 @@ impl KafkaChangelog {
             .error
             .take()
         {
-            Some(e) => Err(StateError::Transient(format!("kafka changelog: {e}"))),
             None => Ok(()),
+            // Kafka will never take these: retrying the unit would fail forever.
+            Some((e @ KafkaError::MessageProduction(code), to)) if is_refused(code) => {
+                Err(permanent(&format!("the broker refused a record for {to}"), &e))
+            }
+            Some((e, to)) => Err(StateError::Transient(format!(
+                "kafka changelog: delivery to {to} failed: {e}"
+            ))),
         }
     }
 }
@@ -327,23 +359,40 @@ impl Changelog for KafkaChangelog {
         self.config.egress_topics.contains_key(egress)
     }
 
+    /// A transient failure before `commit_transaction` aborts the transaction: nothing
+    /// of the unit is visible, and the backend retries it. A failed
+    /// `commit_transaction` is retried while librdkafka says it may be; an outcome that
+    /// stays unknown, an abort that fails, or a fatal error is permanent: the runtime
+    /// stops, and the next start (`init_transactions`, then the restore) settles it.
+    /// Retrying the unit in a new transaction then could duplicate its egress.
     fn commit(&self, unit: &CommitUnit) -> Result<Vec<(PartitionId, i64)>, StateError> {
         *self.producer.context().state.lock().expect("deliveries lock") = Deliveries::default();
         self.producer
             .begin_transaction()
-            .map_err(|e| state_error("cannot begin a transaction", &e))?;
-        let committed = self.produce(unit).and_then(|()| {
-            self.producer
-                .commit_transaction(self.config.timeout)
-                .map_err(|e| state_error("cannot commit the transaction", &e))
-        });
-        if let Err(e) = committed {
-            if matches!(e, StateError::Transient(_))
-                && let Err(abort) = self.producer.abort_transaction(self.config.timeout)
-            {
-                return Err(state_error("cannot abort the failed transaction", &abort));
+            .map_err(|e| permanent("cannot begin a transaction", &e))?;
+        if let Err(e) = self.produce(unit) {
+            if let Err(abort) = self.producer.abort_transaction(self.config.timeout) {
+                return Err(permanent("cannot abort the failed transaction", &abort));
             }
             return Err(e);
+        }
+        let mut attempts = 0;
+        loop {
+            match self.producer.commit_transaction(self.config.timeout) {
+                Ok(()) => break,
+                Err(KafkaError::Transaction(t)) if t.txn_requires_abort() && !t.is_fatal() => {
+                    let e = state_error("the transaction was aborted", &KafkaError::Transaction(t));
+                    if let Err(abort) = self.producer.abort_transaction(self.config.timeout) {
+                        return Err(permanent("cannot abort the failed transaction", &abort));
+                    }
+                    return Err(e);
+                }
+                Err(KafkaError::Transaction(t)) if t.is_retriable() && attempts < 3 => {
+                    attempts += 1;
+                    tracing::warn!(error = %t, attempts, "commit_transaction failed; retrying it");
+                }
+                Err(e) => return Err(permanent("cannot commit the transaction; its outcome is unknown", &e)),
+            }
         }
         let d = self.producer.context().state.lock().expect("deliveries lock");
         Ok(d.positions.iter().map(|(p, o)| (PartitionId(*p as u32), *o)).collect())
@@ -356,24 +405,46 @@ impl Changelog for KafkaChangelog {
         apply: &mut dyn FnMut(Vec<RawOp>, i64) -> Result<(), StateError>,
     ) -> Result<(), StateError> {
         const CHUNK: usize = 4096;
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &self.config.bootstrap_servers)
-            .set("group.id", format!("{}-restore", self.config.transactional_id))
-            .set("enable.auto.commit", "false")
-            .set("isolation.level", "read_committed")
-            .create()
-            .map_err(|e| state_error("cannot create the restore consumer", &e))?;
+        let client = |isolation: &str| -> Result<BaseConsumer, StateError> {
+            ClientConfig::new()
+                .set("bootstrap.servers", &self.config.bootstrap_servers)
+                .set("group.id", format!("{}-restore", self.config.transactional_id))
+                .set("enable.auto.commit", "false")
+                .set("isolation.level", isolation)
+                // A start below the log start (records deleted) must fail, not skip.
+                .set("auto.offset.reset", "error")
+                .create()
+                .map_err(|e| state_error("cannot create the restore consumer", &e))
+        };
         let p = partition.0 as i32;
-        let (_, high) = consumer
+        // The end to reach is the high watermark. A read_committed client's watermark
+        // query returns the last stable offset instead, which stops short of a
+        // transaction whose commit markers are not written yet: restoring only to there
+        // would silently miss a committed transaction.
+        let (_, high) = client("read_uncommitted")?
             .fetch_watermarks(&self.config.topic, p, self.config.timeout)
             .map_err(|e| state_error("cannot read the changelog's end", &e))?;
         let start = after.map_or(0, |a| a + 1);
-        if start >= high {
+        if start > high {
+            return Err(StateError::Permanent(format!(
+                "kafka changelog: RocksDB is at offset {} of {}/{p}, but the topic ends at {high}: \
+                 this state was written with another changelog topic (or the topic was recreated). \
+                 Point the instance at its own topic, or start from an empty state directory",
+                start - 1,
+                self.config.topic
+            )));
+        }
+        if start == high {
             return Ok(());
         }
+        let consumer = client("read_committed")?;
         let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(&self.config.topic, p, Offset::Offset(start))
-            .map_err(|e| state_error("cannot assign the changelog partition", &e))?;
+        tpl.add_partition_offset(
+            &self.config.topic,
+            p,
+            after.map_or(Offset::Beginning, |a| Offset::Offset(a + 1)),
+        )
+        .map_err(|e| state_error("cannot assign the changelog partition", &e))?;
         consumer
             .assign(&tpl)
             .map_err(|e| state_error("cannot assign the changelog partition", &e))?;

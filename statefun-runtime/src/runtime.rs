@@ -205,6 +205,15 @@ pub enum Error {
     /// A partition task ended unexpectedly (an internal bug; please report it).
     #[error("partition task failed: {0}")]
     Internal(String),
+    /// An egress sink is registered, but the state backend commits per interval
+    /// ([`StateBackend::commit_interval`](state::StateBackend::commit_interval)) and
+    /// does not take this egress: its records would leave before the state that
+    /// produced them is committed, and a crash would produce them again under new ids.
+    #[error(
+        "egress {0} has a sink, but the state backend commits per interval and does not commit this egress: \
+         commit it with the backend (e.g. KafkaChangelogConfig::egress) instead of registering a sink"
+    )]
+    EgressOutsideCommit(TypeName),
     /// The state backend could not commit (see [`StateBackend::commit`](state::StateBackend::commit)): a permanent
     /// failure during the run, or any failure of the final commit at shutdown. What was
     /// not committed is redone from the last commit when the runtime starts again.
@@ -347,6 +356,11 @@ impl RuntimeBuilder {
             partition: PartitionId(0),
             source,
         };
+        if self.backend.commit_interval().is_some()
+            && let Some(id) = self.egresses.keys().find(|id| !self.backend.takes_egress(id))
+        {
+            return Err(Error::EgressOutsideCommit(id.clone()));
+        }
         self.backend.check_partitions(n).map_err(durable_err)?;
         let incarnation = self.backend.next_incarnation().map_err(durable_err)?;
         let mut senders = Vec::with_capacity(n as usize);

@@ -541,3 +541,36 @@ fn changelogged_log_entries_done_within_an_interval_are_never_committed() {
             .is_empty()
     );
 }
+
+/// With a changelog backend, an egress sink the backend does not commit would see
+/// records before their state is committed: the runtime refuses to build.
+#[test]
+fn a_runtime_with_a_changelog_backend_refuses_an_egress_sink_outside_the_commit() {
+    let subject = Changelogged::new();
+    let dir = tempfile::tempdir().unwrap();
+    let rocks = statefun_runtime::state::RocksDbBackend::open(dir.path(), Default::default()).unwrap();
+    let changelog: Arc<dyn Changelog> = subject.changelog.clone();
+    let (backend, _) = ChangelogBackend::open(rocks, changelog, 2, std::time::Duration::from_millis(10)).unwrap();
+    let module = statefun_sdk::Module::builder()
+        .with_fn(
+            statefun_sdk::FunctionSpec::new(TypeName::from_static("t/f")),
+            |_ctx, _msg| Ok(()),
+        )
+        .build()
+        .unwrap();
+    let out = TypeName::from_static("t/out");
+    let e = statefun_runtime::Runtime::builder()
+        .config(statefun_runtime::RuntimeConfig {
+            partitions: 2,
+            ..Default::default()
+        })
+        .module(module)
+        .state_backend(backend)
+        .egress(out.clone(), statefun_runtime::CollectingEgress::new())
+        .build()
+        .unwrap_err();
+    assert!(
+        matches!(&e, statefun_runtime::Error::EgressOutsideCommit(id) if *id == out),
+        "{e}"
+    );
+}
