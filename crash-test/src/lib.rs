@@ -427,10 +427,13 @@ pub async fn create_egress_topic(kafka: &KafkaArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Reads a Kafka-mode egress topic with `read_committed` up to its end: payloads by
-/// count (a payload produced twice under two ids counts twice), and how many records
-/// repeated an id already seen (must be 0 in Kafka mode: a repeat is a duplicate).
-pub fn read_kafka_egress(kafka: &KafkaArgs) -> anyhow::Result<(BTreeMap<String, usize>, usize)> {
+/// Reads a Kafka-mode egress topic with `read_committed`: payloads by count (a payload
+/// produced twice under two ids counts twice), and how many records repeated an id
+/// already seen (must be 0 in Kafka mode: a repeat is a duplicate). With `complete`,
+/// up to the high watermark (every transaction must be decided: after a clean finish);
+/// otherwise up to the last stable offset (what is decided now, e.g. right after a kill
+/// left a transaction open).
+pub fn read_kafka_egress(kafka: &KafkaArgs, complete: bool) -> anyhow::Result<(BTreeMap<String, usize>, usize)> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::message::{Headers, Message};
     let topic = kafka.egress_topic();
@@ -442,11 +445,14 @@ pub fn read_kafka_egress(kafka: &KafkaArgs) -> anyhow::Result<(BTreeMap<String, 
         .create()?;
     let md = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
     let partitions = md.topics().first().map_or(0, |t| t.partitions().len()) as i32;
-    // The high watermark, not the last stable offset a read_committed client's query
-    // would return (it can stop short of a transaction whose markers are not written).
+    // A read_uncommitted client's watermark query gives the high watermark; a
+    // read_committed client's gives the last stable offset.
     let watermarks: BaseConsumer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", &kafka.bootstrap)
-        .set("isolation.level", "read_uncommitted")
+        .set(
+            "isolation.level",
+            if complete { "read_uncommitted" } else { "read_committed" },
+        )
         .create()?;
     let mut tpl = rdkafka::TopicPartitionList::new();
     let mut ends = BTreeMap::new();
@@ -576,7 +582,7 @@ fn outcome(run: &Path, kafka: Option<&KafkaArgs>) -> anyhow::Result<Outcome> {
         &std::fs::read(run.join("done.json")).with_context(|| format!("no final state in {}", run.display()))?,
     )?;
     let (egress, redelivered) = match kafka {
-        Some(k) => read_kafka_egress(k)?,
+        Some(k) => read_kafka_egress(k, true)?,
         None => read_egress(&run.join("egress.log"))?,
     };
     Ok(Outcome {
@@ -625,7 +631,7 @@ pub fn with_kills(cfg: &SoakConfig) -> anyhow::Result<(Outcome, Vec<Kill>)> {
         let _ = child.kill();
         let _ = child.wait();
         let egress_lines = match &cfg.kafka {
-            Some(k) => read_kafka_egress(k)?.0.values().sum(),
+            Some(k) => read_kafka_egress(k, false)?.0.values().sum(),
             None => std::fs::read_to_string(run.join("egress.log"))
                 .map(|t| t.lines().count())
                 .unwrap_or(0),

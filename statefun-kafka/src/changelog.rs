@@ -51,6 +51,10 @@ pub struct KafkaChangelogConfig {
     pub egress_topics: HashMap<TypeName, String>,
     /// Replication factor of a created changelog topic. Default: 1.
     pub replication_factor: i32,
+    /// Create the changelog topic if it is missing (admin API). Set it to false where
+    /// topics are provisioned elsewhere (no admin rights); the topic is then only
+    /// checked. Default: true.
+    pub create_topic: bool,
     /// How long Kafka calls may block (init, commit, abort, restore reads). Default: 30 s.
     pub timeout: Duration,
     /// Extra producer properties (override the defaults).
@@ -72,6 +76,7 @@ impl KafkaChangelogConfig {
             transactional_id: transactional_id.into(),
             egress_topics: HashMap::new(),
             replication_factor: 1,
+            create_topic: true,
             timeout: Duration::from_secs(30),
             properties: Vec::new(),
         }
@@ -192,28 +197,30 @@ impl KafkaChangelog {
     /// initializes the transactional producer, which fences and aborts the open
     /// transaction of an earlier instance with the same transactional id.
     pub async fn connect(config: KafkaChangelogConfig) -> Result<KafkaChangelog, Error> {
-        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-            .set("bootstrap.servers", &config.bootstrap_servers)
-            .create()
-            .map_err(kafka("cannot create admin client"))?;
-        let topic = NewTopic::new(
-            &config.topic,
-            config.partitions as i32,
-            TopicReplication::Fixed(config.replication_factor),
-        )
-        .set("cleanup.policy", "compact");
-        let results = admin
-            .create_topics([&topic], &AdminOptions::new().operation_timeout(Some(config.timeout)))
-            .await
-            .map_err(kafka("cannot create the changelog topic"))?;
-        for r in results {
-            match r {
-                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                Err((t, code)) => {
-                    return Err(Error {
-                        what: format!("cannot create the changelog topic {t}").into(),
-                        source: KafkaError::AdminOp(code),
-                    });
+        if config.create_topic {
+            let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+                .set("bootstrap.servers", &config.bootstrap_servers)
+                .create()
+                .map_err(kafka("cannot create admin client"))?;
+            let topic = NewTopic::new(
+                &config.topic,
+                config.partitions as i32,
+                TopicReplication::Fixed(config.replication_factor),
+            )
+            .set("cleanup.policy", "compact");
+            let results = admin
+                .create_topics([&topic], &AdminOptions::new().operation_timeout(Some(config.timeout)))
+                .await
+                .map_err(kafka("cannot create the changelog topic"))?;
+            for r in results {
+                match r {
+                    Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                    Err((t, code)) => {
+                        return Err(Error {
+                            what: format!("cannot create the changelog topic {t}").into(),
+                            source: KafkaError::AdminOp(code),
+                        });
+                    }
                 }
             }
         }
