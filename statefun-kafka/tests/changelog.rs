@@ -22,26 +22,11 @@ use statefun_sdk::prelude::*;
 use tokio_util::sync::CancellationToken;
 
 mod common;
-use common::{bootstrap, consume, create_topics, header, unique};
+use common::{bootstrap, consume, counter_module, create_topics, header, unique};
 
 const COUNTER: TypeName = TypeName::from_static("changelog-test/counter");
 const OUT: TypeName = TypeName::from_static("changelog-test/out");
-const SEEN: ValueSpec<i64> = ValueSpec::named("seen");
 const PARTITIONS: u32 = 4;
-
-/// Counts messages per id; reports each on the egress as "<id>:<value>:<count>".
-fn module() -> Module {
-    Module::builder()
-        .with_fn(FunctionSpec::new(COUNTER).with_state(SEEN), |ctx, msg| {
-            let n = ctx.storage().get(&SEEN)?.unwrap_or(0) + 1;
-            ctx.storage().set(&SEEN, &n)?;
-            let value = String::from_utf8_lossy(msg.bytes().map(|b| b.as_ref()).unwrap_or_default()).into_owned();
-            ctx.send_egress(OUT, &format!("{}:{value}:{n}", ctx.self_address().id()))?;
-            Ok(())
-        })
-        .build()
-        .unwrap()
-}
 
 struct Topics {
     input: String,
@@ -108,7 +93,7 @@ impl Topics {
                 partitions: PARTITIONS,
                 ..Default::default()
             })
-            .module(module())
+            .module(counter_module(COUNTER, OUT))
             .state_backend(backend)
             .ingress(ingress, KeyRouter::new(COUNTER, TypeName::from_static("test/str")))
             .build()

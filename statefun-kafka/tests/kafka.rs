@@ -25,27 +25,11 @@ use statefun_sdk::prelude::*;
 use tokio_util::sync::CancellationToken;
 
 mod common;
-use common::{bootstrap, consume, create_topics, header, unique};
+use common::{SEEN, bootstrap, consume, counter_module, create_topics, header, unique};
 
 const COUNTER: TypeName = TypeName::from_static("kafka-test/counter");
 const RAW: TypeName = TypeName::from_static("kafka-test/raw");
 const OUT: TypeName = TypeName::from_static("kafka-test/out");
-const SEEN: ValueSpec<i64> = ValueSpec::named("seen");
-
-/// Counts messages per id; reports each message on the egress as "<id>:<value>".
-fn module() -> Module {
-    Module::builder()
-        .with_fn(FunctionSpec::new(COUNTER).with_state(SEEN), |ctx, msg| {
-            let n = ctx.storage().get(&SEEN)?.unwrap_or(0) + 1;
-            ctx.storage().set(&SEEN, &n)?;
-            let value = String::from_utf8_lossy(msg.bytes().map(|b| b.as_ref()).unwrap_or_default()).into_owned();
-            let report = format!("{}:{value}", ctx.self_address().id());
-            ctx.send_egress(OUT, &report)?;
-            Ok(())
-        })
-        .build()
-        .unwrap()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_flow_from_an_input_topic_to_the_egress_topic_and_bad_ones_to_the_dead_letter_topic() {
@@ -93,7 +77,7 @@ async fn records_flow_from_an_input_topic_to_the_egress_topic_and_bad_ones_to_th
             partitions: 4,
             ..Default::default()
         })
-        .module(module())
+        .module(counter_module(COUNTER, OUT))
         .state_backend(RocksDbBackend::open(dir.path(), RocksDbOptions::default()).unwrap())
         .ingress(
             KafkaIngress::new(
@@ -126,7 +110,10 @@ async fn records_flow_from_an_input_topic_to_the_egress_topic_and_bad_ones_to_th
     }
     let values: HashSet<&String> = by_id.values().collect();
     assert_eq!(values.len(), 120, "each record once");
-    assert!(values.contains(&"k3:v3".to_string()));
+    assert!(
+        values.contains(&"k3:v3:1".to_string()),
+        "k3's first record, counted once"
+    );
     for k in 0..10 {
         let a = Address::new(COUNTER, format!("k{k}")).unwrap();
         assert_eq!(

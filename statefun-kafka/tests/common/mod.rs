@@ -8,6 +8,25 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message};
+use statefun_sdk::prelude::*;
+
+/// The state of [`counter_module`]'s function.
+pub(crate) const SEEN: ValueSpec<i64> = ValueSpec::named("seen");
+
+/// `function` counts messages per id and reports each on egress `out` as
+/// "<id>:<value>:<count>".
+pub(crate) fn counter_module(function: TypeName, out: TypeName) -> Module {
+    Module::builder()
+        .with_fn(FunctionSpec::new(function).with_state(SEEN), move |ctx, msg| {
+            let n = ctx.storage().get(&SEEN)?.unwrap_or(0) + 1;
+            ctx.storage().set(&SEEN, &n)?;
+            let value = String::from_utf8_lossy(msg.bytes().map(|b| b.as_ref()).unwrap_or_default()).into_owned();
+            ctx.send_egress(out.clone(), &format!("{}:{value}:{n}", ctx.self_address().id()))?;
+            Ok(())
+        })
+        .build()
+        .unwrap()
+}
 
 pub(crate) fn bootstrap() -> String {
     std::env::var("STATEFUN_KAFKA_BOOTSTRAP").expect(
