@@ -1,9 +1,14 @@
-//! Kafka for statefun-rs: an ingress that consumes topics, an egress that produces to a
-//! topic, and a dead-letter sink that writes to a dead-letter topic (rdkafka).
+//! Kafka for statefun-rs: an ingress that consumes topics, the Kafka changelog that
+//! commits state and egress in one transaction per interval (Kafka mode), an egress
+//! that produces to a topic, and a dead-letter sink (rdkafka).
 //!
-//! Why it exists: Kafka is the production transport the runtime is built for. This
-//! crate is the first slice of it (issue 4): one runtime instance consumes and produces.
-//! What it promises today:
+//! Why it exists: Kafka is the production transport the runtime is built for (issue 4;
+//! one instance today, ownership across instances next). What it promises today:
+//! * [`KafkaChangelog`], under `statefun_runtime::state::ChangelogBackend`: every
+//!   commit interval, one Kafka transaction holds the latest value of every changed key
+//!   (compacted changelog topic) and the egress records; RocksDB follows after the
+//!   commit and is restored from the changelog. Exactly-once for `read_committed`
+//!   readers, also across crashes (`docs/guarantees.md`, "Kafka mode").
 //! * [`KafkaIngress`] consumes with a consumer group and never commits an offset past
 //!   what the runtime has durably accepted: with a durable state backend it commits
 //!   [`IngressSink::acknowledged_offset`] + 1, so after a crash the group resumes at or
@@ -12,8 +17,8 @@
 //!   volatile backend it commits what it has delivered.
 //! * [`KafkaEgress`] produces each egress record with the record id in a header
 //!   (`statefun-egress-id`), so a consumer can drop the records handed over twice after
-//!   a crash: at-least-once with an id. Transactions (exactly-once across instances)
-//!   are the rest of issue 4.
+//!   a crash: at-least-once with an id. For exactly-once egress, commit it with the
+//!   [`KafkaChangelog`] instead.
 //! * [`KafkaDeadLetters`] produces every dead letter to a topic, with headers naming
 //!   the reason and, for ingress records, the source topic, partition and offset.
 //! * [`RecordRouter`] hands the whole record to the function as a [`KafkaRecord`]

@@ -2,7 +2,7 @@
 //!
 //! Why it exists: state must survive process crashes. One RocksDB database per runtime
 //! instance holds every partition's data under the versioned key layout of
-//! [`keys`](super::keys); each partition's store is a view bound to its partition
+//! [`keys`]; each partition's store is a view bound to its partition
 //! prefix, so partitions never see each other's keys and the partition task needs no
 //! lock (RocksDB's own write path is thread-safe).
 //!
