@@ -500,14 +500,12 @@ impl Runtime {
                         _ = stop.cancelled() => return Ok(()),
                         _ = tick.tick() => {}
                     }
-                    let b = Arc::clone(&backend);
-                    match tokio::task::spawn_blocking(move || b.commit()).await {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e @ state::Error::Transient(_))) => {
+                    match commit(Arc::clone(&backend)).await {
+                        Ok(()) => {}
+                        Err(Error::Commit(e @ state::Error::Transient(_))) => {
                             tracing::warn!(error = %e, "commit failed; retrying at the next interval");
                         }
-                        Ok(Err(e)) => return Err(Error::Commit(e)),
-                        Err(e) => return Err(Error::Internal(format!("commit task panicked: {e}"))),
+                        Err(e) => return Err(e),
                     }
                 }
             });
@@ -609,12 +607,7 @@ impl Runtime {
         }
         if self.shared.backend.commit_interval().is_some() {
             // The partitions have stopped: commit what they wrote last.
-            let backend = Arc::clone(&self.shared.backend);
-            match tokio::task::spawn_blocking(move || backend.commit()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => return Err(Error::Commit(e)),
-                Err(e) => return Err(Error::Internal(format!("final commit panicked: {e}"))),
-            }
+            commit(Arc::clone(&self.shared.backend)).await?;
         }
         stats.sort_by_key(|s| s.partition);
         tracing::info!("runtime stopped");
@@ -623,6 +616,14 @@ impl Runtime {
             ingress_errors,
             drained,
         })
+    }
+}
+
+/// Runs one [`StateBackend::commit`](state::StateBackend::commit) off the async threads.
+async fn commit(backend: Arc<dyn state::StateBackend>) -> Result<(), Error> {
+    match tokio::task::spawn_blocking(move || backend.commit()).await {
+        Ok(result) => result.map_err(Error::Commit),
+        Err(e) => Err(Error::Internal(format!("commit task panicked: {e}"))),
     }
 }
 

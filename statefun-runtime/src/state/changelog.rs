@@ -31,7 +31,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use statefun_sdk::{Address, TypeName};
 
-use super::rocksdb::{RawOp, decode_log_key, decode_value, encode_batch, log_kind_byte};
+use super::rocksdb::{RawOp, decode_log_key, decode_u64, decode_value, encode_batch, log_kind_byte};
 use super::{Error, LogKey, LogKind, PartitionStore, RocksDbBackend, StateBackend, StoredValue, WriteBatch, keys};
 use crate::egress::{EgressId, EgressRecord};
 use crate::partitioner::PartitionId;
@@ -52,7 +52,7 @@ pub struct CommitUnit {
 impl CommitUnit {
     /// True when there is nothing to commit.
     pub fn is_empty(&self) -> bool {
-        self.changes.is_empty() && self.egress.is_empty()
+        self.changes.values().all(BTreeMap::is_empty) && self.egress.is_empty()
     }
 
     /// Adds `later`'s changes and egress on top of this unit's.
@@ -92,27 +92,6 @@ pub trait Changelog: Send + Sync + 'static {
     ) -> Result<(), Error>;
 }
 
-/// The partition a raw key belongs to: keyed kinds carry it after the version and kind
-/// bytes; meta keys (`0x00 ...`) are kept with partition 0.
-fn partition_of_key(key: &[u8]) -> PartitionId {
-    match key {
-        [keys::FORMAT_VERSION, _, a, b, c, d, ..] => PartitionId(u32::from_be_bytes([*a, *b, *c, *d])),
-        _ => PartitionId(0),
-    }
-}
-
-/// Inbox, timer and egress log keys: written once (unique sequence numbers).
-fn is_log_key(key: &[u8]) -> bool {
-    matches!(
-        key,
-        [
-            keys::FORMAT_VERSION,
-            keys::KIND_INBOX | keys::KIND_TIMER | keys::KIND_EGRESS,
-            ..
-        ]
-    )
-}
-
 struct Overlay {
     /// Writes since the last seal.
     current: CommitUnit,
@@ -150,8 +129,6 @@ impl std::fmt::Debug for ChangelogBackend {
 pub struct Restored {
     /// Changes applied from the changelog, over all partitions.
     pub changes: u64,
-    /// Partitions whose local data was behind the changelog.
-    pub partitions: Vec<PartitionId>,
 }
 
 impl ChangelogBackend {
@@ -173,10 +150,7 @@ impl ChangelogBackend {
                 applied += ops.len() as u64;
                 rocks.apply_raw(&ops, &[(p, position)])
             })?;
-            if applied > 0 {
-                restored.changes += applied;
-                restored.partitions.push(p);
-            }
+            restored.changes += applied;
         }
         let backend = ChangelogBackend {
             inner: Arc::new(Inner {
@@ -217,7 +191,7 @@ impl ChangelogBackend {
         for (p, changes) in unit.changes {
             let current = o.current.changes.entry(p).or_default();
             for (key, value) in changes {
-                if value.is_none() && is_log_key(&key) && matches!(current.get(&key), Some(Some(_))) {
+                if value.is_none() && keys::is_log_key(&key) && matches!(current.get(&key), Some(Some(_))) {
                     current.remove(&key);
                 } else {
                     current.insert(key, value);
@@ -251,11 +225,7 @@ impl StateBackend for ChangelogBackend {
         let key = RocksDbBackend::incarnation_key();
         let last = match self.read(PartitionId(0), key)? {
             None => 0,
-            Some(v) => u64::from_be_bytes(
-                v.as_ref()
-                    .try_into()
-                    .map_err(|_| Error::Permanent("corrupt incarnation marker".to_owned()))?,
-            ),
+            Some(v) => decode_u64(&v, || "incarnation marker".to_owned())?,
         };
         let next = last + 1;
         let mut unit = CommitUnit::default();
@@ -368,19 +338,20 @@ impl PartitionStore for StagedStore {
 
     fn write(&mut self, mut batch: WriteBatch) -> Result<(), Error> {
         let mut unit = CommitUnit::default();
-        let mut kept = Vec::with_capacity(batch.log.len());
-        for op in std::mem::take(&mut batch.log) {
+        let log = std::mem::take(&mut batch.log);
+        let own = unit.changes.entry(self.partition).or_default();
+        for op in encode_batch(self.partition, &batch)? {
+            own.insert(op.key, op.value);
+        }
+        // Log entries may belong to another partition (a message into its inbox).
+        for op in log {
             match self.taken_egress(&op) {
                 Some(record) => unit.egress.push(record),
-                None => kept.push(op),
+                None => {
+                    let key = keys::log_key(op.partition, op.key).into();
+                    unit.changes.entry(op.partition).or_default().insert(key, op.value);
+                }
             }
-        }
-        batch.log = kept;
-        for op in encode_batch(self.partition, &batch)? {
-            unit.changes
-                .entry(partition_of_key(&op.key))
-                .or_default()
-                .insert(op.key, op.value);
         }
         self.backend.stage(unit);
         Ok(())
@@ -390,9 +361,7 @@ impl PartitionStore for StagedStore {
         let key = keys::progress_key(self.partition, source).map_err(|e| Error::Permanent(e.to_string()))?;
         match self.backend.read(self.partition, &key)? {
             None => Ok(None),
-            Some(v) => Ok(Some(u64::from_be_bytes(v.as_ref().try_into().map_err(|_| {
-                Error::Permanent(format!("corrupt progress marker of {source:?}"))
-            })?))),
+            Some(v) => decode_u64(&v, || format!("progress marker of {source:?}")).map(Some),
         }
     }
 

@@ -46,6 +46,12 @@ pub const KIND_TIMER: u8 = 0x04;
 /// Kind byte: an egress record produced and not yet handed to its sink.
 pub const KIND_EGRESS: u8 = 0x05;
 
+/// Whether `key` is an inbox, timer or egress-log key. Those are written once: their
+/// sequence numbers are never reused, so a key deleted is never put again.
+pub fn is_log_key(key: &[u8]) -> bool {
+    matches!(key, [FORMAT_VERSION, KIND_INBOX | KIND_TIMER | KIND_EGRESS, ..])
+}
+
 /// The key of a durable log entry within its partition: inbox messages, pending timers
 /// and egress records. Ordered as the entries are read back on recovery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -49,6 +49,14 @@ fn map_err(path: &Path, what: &str, e: rocksdb::Error) -> Error {
     }
 }
 
+/// Decodes an 8-byte big-endian number (a progress marker, the incarnation, a changelog
+/// position); `what` names it in the error.
+pub(crate) fn decode_u64(v: &[u8], what: impl FnOnce() -> String) -> Result<u64, Error> {
+    v.try_into()
+        .map(u64::from_be_bytes)
+        .map_err(|_| Error::Permanent(format!("corrupt {}", what())))
+}
+
 /// Encodes a stored value (layout in the module docs).
 pub fn encode_value(v: &StoredValue) -> Vec<u8> {
     let mut out = Vec::with_capacity(10 + v.value.len());
@@ -198,15 +206,12 @@ impl RocksDbBackend {
             .map_err(|e| map_err(&path, "read incarnation", e))?
         {
             None => 0,
-            Some(v) => {
-                let b: [u8; 8] = v.as_slice().try_into().map_err(|_| {
-                    Error::Permanent(format!(
-                        "corrupt incarnation marker in RocksDB at {}; restore a checkpoint (see docs/operations.md)",
-                        path.display()
-                    ))
-                })?;
-                u64::from_be_bytes(b)
-            }
+            Some(v) => decode_u64(&v, || {
+                format!(
+                    "incarnation marker in RocksDB at {}; restore a checkpoint (see docs/operations.md)",
+                    path.display()
+                )
+            })?,
         };
         Ok(RocksDbBackend {
             db: Arc::new(db),
@@ -356,15 +361,10 @@ impl PartitionStore for RocksDbStore {
             .map_err(|e| map_err(&self.path, "read progress", e))?
         {
             None => Ok(None),
-            Some(v) => {
-                let b: [u8; 8] = v.as_ref().try_into().map_err(|_| {
-                    Error::Permanent(format!(
-                        "corrupt progress marker of {source:?} in RocksDB at {}",
-                        self.path.display()
-                    ))
-                })?;
-                Ok(Some(u64::from_be_bytes(b)))
-            }
+            Some(v) => decode_u64(&v, || {
+                format!("progress marker of {source:?} in RocksDB at {}", self.path.display())
+            })
+            .map(Some),
         }
     }
 
@@ -499,15 +499,13 @@ impl RocksDbBackend {
     pub fn changelog_position(&self, partition: PartitionId) -> Result<Option<i64>, Error> {
         match self.get_raw(&changelog_position_key(partition))? {
             None => Ok(None),
-            Some(v) => {
-                let b: [u8; 8] = v.as_ref().try_into().map_err(|_| {
-                    Error::Permanent(format!(
-                        "corrupt changelog position of partition {partition} in RocksDB at {}",
-                        self.path.display()
-                    ))
-                })?;
-                Ok(Some(i64::from_be_bytes(b)))
-            }
+            Some(v) => decode_u64(&v, || {
+                format!(
+                    "changelog position of partition {partition} in RocksDB at {}",
+                    self.path.display()
+                )
+            })
+            .map(|p| Some(p as i64)),
         }
     }
 
