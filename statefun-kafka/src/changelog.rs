@@ -318,15 +318,7 @@ impl KafkaChangelog {
                 self.config.egress_topics.get(&record.egress).ok_or_else(|| {
                     StateError::Permanent(format!("no topic configured for egress {}", record.egress))
                 })?;
-            let id = record.id.map(|i| i.to_string());
-            let headers = crate::egress_headers(record, id.as_deref());
-            let mut r = BaseRecord::<[u8], [u8]>::to(topic)
-                .key(record.source.id().as_bytes())
-                .headers(headers);
-            if let Some(v) = record.message.bytes() {
-                r = r.payload(v.as_ref());
-            }
-            self.send(r)?;
+            self.send(crate::egress_record(topic, record))?;
         }
         // Delivery reports with short polls: `commit_transaction` would flush in
         // 100 ms steps (docs/guarantees.md, "Transaction cost").

@@ -386,34 +386,33 @@ impl KafkaEgress {
 
 impl Egress for KafkaEgress {
     fn send(&self, record: EgressRecord) -> Result<(), EgressError> {
-        let id = record.id.map(|i| i.to_string());
-        let headers = egress_headers(&record, id.as_deref());
-        let value = record.message.bytes().map(|b| b.as_ref());
-        let mut r = BaseRecord::<str, [u8]>::to(&self.topic)
-            .key(record.source.id())
-            .headers(headers);
-        if let Some(v) = value {
-            r = r.payload(v);
-        }
         self.producer
-            .send(r)
+            .send(egress_record(&self.topic, &record))
             .map_err(|(e, _)| EgressError::Rejected(format!("kafka producer refused the record: {e}")))
     }
 }
 
-/// The headers of an egress record: its type, and its id if it has one.
-fn egress_headers(record: &EgressRecord, id: Option<&str>) -> OwnedHeaders {
-    let headers = OwnedHeaders::new().insert(Header {
+/// An egress record as a Kafka record to `topic`: key = the producing address's id,
+/// value = the record's bytes, headers = its type and its id if it has one.
+fn egress_record<'a>(topic: &'a str, record: &'a EgressRecord) -> BaseRecord<'a, [u8], [u8]> {
+    let id = record.id.map(|i| i.to_string());
+    let mut headers = OwnedHeaders::new().insert(Header {
         key: TYPE_HEADER,
         value: Some(record.message.type_name().as_str()),
     });
-    match id {
-        Some(id) => headers.insert(Header {
+    if let Some(id) = &id {
+        headers = headers.insert(Header {
             key: EGRESS_ID_HEADER,
-            value: Some(id),
-        }),
-        None => headers,
+            value: Some(id.as_str()),
+        });
     }
+    let mut r = BaseRecord::to(topic)
+        .key(record.source.id().as_bytes())
+        .headers(headers);
+    if let Some(v) = record.message.bytes() {
+        r = r.payload(v.as_ref());
+    }
+    r
 }
 
 /// Produces dead letters to a topic. Value: the record's or message's bytes; key: the
