@@ -25,6 +25,8 @@
 //! delayed messages, and the egress payloads (deduplicated by record id). Any lost or
 //! duplicated effect changes it.
 
+pub mod cluster;
+
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};

@@ -5,6 +5,8 @@
 //!   outcomes (final state, pending timers, egress deduplicated by id). Exit code 0 and
 //!   `PASS` when they are equal.
 //! * `statefun-crash-test work --dir D ...` is the child process the soak drives.
+//! * `statefun-crash-test cluster-instance ...` runs one instance of the cluster
+//!   workload (`statefun_crash_test::cluster`) until its stdin closes.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -72,6 +74,24 @@ enum Cmd {
         #[arg(long)]
         kafka_prefix: Option<String>,
     },
+    /// One instance of the cluster workload; stops (committing) when stdin closes.
+    ClusterInstance {
+        #[arg(long)]
+        bootstrap: String,
+        #[arg(long)]
+        app: String,
+        #[arg(long)]
+        ingress: String,
+        #[arg(long)]
+        egress: String,
+        #[arg(long)]
+        instance: String,
+        #[arg(long)]
+        dir: PathBuf,
+        /// Own exactly these partitions (comma-separated) instead of joining the group.
+        #[arg(long, value_delimiter = ',')]
+        fixed_partitions: Option<Vec<u32>>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -80,6 +100,44 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
+        Cmd::ClusterInstance {
+            bootstrap,
+            app,
+            ingress,
+            egress,
+            instance,
+            dir,
+            fixed_partitions,
+        } => {
+            let assignment = match fixed_partitions {
+                Some(parts) => {
+                    statefun_kafka::Assignment::Fixed(parts.into_iter().map(statefun_runtime::PartitionId).collect())
+                }
+                None => statefun_kafka::Assignment::Cooperative,
+            };
+            let names = statefun_crash_test::cluster::ClusterNames {
+                bootstrap,
+                app,
+                ingress,
+                egress,
+            };
+            let stop = tokio_util::sync::CancellationToken::new();
+            let on_eof = stop.clone();
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+                on_eof.cancel();
+            });
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            let report = rt.block_on(names.run_instance(&instance, &dir, assignment, stop))?;
+            eprintln!(
+                "instance {instance} stopped after {} runtime generations",
+                report.generations
+            );
+            Ok(())
+        }
         Cmd::Work {
             dir,
             seed,

@@ -21,7 +21,7 @@ use bytes::Bytes;
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::{ClientContext, DefaultClientContext};
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerGroupMetadata};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
@@ -30,7 +30,7 @@ use statefun_runtime::PartitionId;
 use statefun_runtime::state::{Changelog, CommitUnit, Error as StateError, RawOp};
 use statefun_sdk::TypeName;
 
-use crate::Error;
+use crate::{Error, kafka};
 
 /// Configuration of a [`KafkaChangelog`].
 #[derive(Debug, Clone)]
@@ -57,6 +57,10 @@ pub struct KafkaChangelogConfig {
     pub create_topic: bool,
     /// How long Kafka calls may block (init, commit, abort, restore reads). Default: 30 s.
     pub timeout: Duration,
+    /// Cluster mode: the internal topic (one partition per runtime partition) that
+    /// carries messages to partitions owned by other instances, in the transaction.
+    /// Default: none (one instance owns every partition).
+    pub internal_topic: Option<String>,
     /// Extra producer properties (override the defaults).
     pub properties: Vec<(String, String)>,
 }
@@ -78,6 +82,7 @@ impl KafkaChangelogConfig {
             replication_factor: 1,
             create_topic: true,
             timeout: Duration::from_secs(30),
+            internal_topic: None,
             properties: Vec::new(),
         }
     }
@@ -129,6 +134,17 @@ impl ProducerContext for Reports {
 pub struct KafkaChangelog {
     config: KafkaChangelogConfig,
     producer: BaseProducer<Reports>,
+    /// Cluster mode: the group membership that fences this instance's transactions.
+    group: Mutex<Option<GroupLink>>,
+}
+
+/// What a cluster-mode commit sends with `send_offsets_to_transaction`.
+pub(crate) struct GroupLink {
+    /// The group's current metadata (member id and generation), read at every commit.
+    pub(crate) metadata: Box<dyn Fn() -> Option<ConsumerGroupMetadata> + Send + Sync>,
+    /// The owned internal-topic partitions and the offset to commit for each: the
+    /// position after the last record its runtime partition accepted.
+    pub(crate) next: HashMap<PartitionId, i64>,
 }
 
 impl std::fmt::Debug for KafkaChangelog {
@@ -137,13 +153,6 @@ impl std::fmt::Debug for KafkaChangelog {
             .field("topic", &self.config.topic)
             .field("transactional_id", &self.config.transactional_id)
             .finish()
-    }
-}
-
-fn kafka(what: &'static str) -> impl FnOnce(KafkaError) -> Error {
-    move |source| Error {
-        what: what.into(),
-        source,
     }
 }
 
@@ -241,7 +250,11 @@ impl KafkaChangelog {
                 state: Mutex::default(),
             })
             .map_err(kafka("cannot create the transactional producer"))?;
-        let changelog = KafkaChangelog { config, producer };
+        let changelog = KafkaChangelog {
+            config,
+            producer,
+            group: Mutex::new(None),
+        };
         changelog.check_topics()?;
         changelog
             .producer
@@ -287,6 +300,46 @@ impl KafkaChangelog {
         Ok(())
     }
 
+    /// Cluster mode: from now on every transaction commits, with
+    /// `send_offsets_to_transaction`, the internal-topic offsets of the owned partitions
+    /// under the group's current metadata. The broker refuses it from a member whose
+    /// generation is over (KIP-447), so an instance that lost its partitions cannot
+    /// commit for them; and the next owner, reading the group's offsets with
+    /// `isolation.level=read_committed`, waits until an open transaction holding them
+    /// has ended before it restores the partitions.
+    pub(crate) fn link_group(&self, link: Option<GroupLink>) {
+        *self.group.lock().expect("group lock") = link;
+    }
+
+    /// The internal-topic offsets to commit with `unit`, per owned partition.
+    fn group_offsets(
+        &self,
+        unit: &CommitUnit,
+    ) -> Result<Option<(TopicPartitionList, ConsumerGroupMetadata)>, StateError> {
+        let mut guard = self.group.lock().expect("group lock");
+        let (Some(link), Some(topic)) = (guard.as_mut(), &self.config.internal_topic) else {
+            return Ok(None);
+        };
+        for (p, next) in link.next.iter_mut() {
+            let Ok(key) = statefun_runtime::state::keys::progress_key(*p, &format!("{topic}/{}", p.0)) else {
+                continue;
+            };
+            if let Some(Some(v)) = unit.changes.get(p).and_then(|c| c.get(key.as_slice()))
+                && let Ok(b) = <[u8; 8]>::try_from(v.as_ref())
+            {
+                *next = i64::try_from(u64::from_be_bytes(b)).unwrap_or(i64::MAX - 1) + 1;
+            }
+        }
+        let metadata = (link.metadata)()
+            .ok_or_else(|| StateError::Transient("kafka changelog: no group membership yet".to_owned()))?;
+        let mut tpl = TopicPartitionList::new();
+        for (p, next) in &link.next {
+            tpl.add_partition_offset(topic, p.0 as i32, Offset::Offset(*next))
+                .map_err(|e| state_error("cannot build the offset list", &e))?;
+        }
+        Ok(Some((tpl, metadata)))
+    }
+
     /// Queues one record, polling while the producer's queue is full.
     fn send(&self, mut record: BaseRecord<'_, [u8], [u8]>) -> Result<(), StateError> {
         loop {
@@ -319,6 +372,26 @@ impl KafkaChangelog {
                     StateError::Permanent(format!("no topic configured for egress {}", record.egress))
                 })?;
             self.send(crate::egress_record(topic, record))?;
+        }
+        if !unit.messages.is_empty() {
+            let topic = self.config.internal_topic.as_deref().ok_or_else(|| {
+                StateError::Permanent(
+                    "kafka changelog: messages for partitions owned elsewhere, but no internal topic is configured"
+                        .to_owned(),
+                )
+            })?;
+            for (p, message) in &unit.messages {
+                self.send(
+                    BaseRecord::<[u8], [u8]>::to(topic)
+                        .partition(p.0 as i32)
+                        .payload(message.as_ref()),
+                )?;
+            }
+        }
+        if let Some((offsets, metadata)) = self.group_offsets(unit)? {
+            self.producer
+                .send_offsets_to_transaction(&offsets, &metadata, self.config.timeout)
+                .map_err(|e| state_error("cannot add the group's offsets to the transaction", &e))?;
         }
         // Delivery reports with short polls: `commit_transaction` would flush in
         // 100 ms steps (docs/guarantees.md, "Transaction cost").

@@ -2,8 +2,13 @@
 //! commits state and egress in one transaction per interval (Kafka mode), an egress
 //! that produces to a topic, and a dead-letter sink (rdkafka).
 //!
-//! Why it exists: Kafka is the production transport the runtime is built for (issue 4;
-//! one instance today, ownership across instances next). What it promises today:
+//! Why it exists: Kafka is the production transport the runtime is built for (issue 4).
+//! What it promises today:
+//! * [`KafkaCluster`] (cluster mode): instances of one application share the runtime's
+//!   partitions through a consumer group; messages to partitions on other instances
+//!   travel through an internal topic inside the same transactions as state and
+//!   egress; KIP-447 fencing with `send_offsets_to_transaction`. See the `cluster`
+//!   module docs and `docs/guarantees.md`, "Cluster mode".
 //! * [`KafkaChangelog`], under `statefun_runtime::state::ChangelogBackend`: every
 //!   commit interval, one Kafka transaction holds the latest value of every changed key
 //!   (compacted changelog topic) and the egress records; RocksDB follows after the
@@ -30,6 +35,8 @@ use std::time::Duration;
 
 mod changelog;
 pub use changelog::{KafkaChangelog, KafkaChangelogConfig};
+mod cluster;
+pub use cluster::{Assignment, ClusterError, ClusterReport, KafkaCluster, KafkaClusterConfig};
 
 use bytes::Bytes;
 use rdkafka::ClientConfig;
@@ -125,7 +132,7 @@ impl statefun_runtime::ingress::Router for RecordRouter {
                 .collect(),
         };
         let message = statefun_sdk::TypedValue::of(&record).map_err(|e| RouteError(e.to_string()))?;
-        Ok(statefun_runtime::Routed { target, message })
+        Ok(statefun_runtime::Routed::new(target, message))
     }
 }
 
@@ -183,6 +190,14 @@ pub struct Error {
     what: std::borrow::Cow<'static, str>,
     #[source]
     source: rdkafka::error::KafkaError,
+}
+
+/// Maps a Kafka error to an [`Error`] saying what was being done.
+fn kafka(what: &'static str) -> impl FnOnce(rdkafka::error::KafkaError) -> Error {
+    move |source| Error {
+        what: what.into(),
+        source,
+    }
 }
 
 /// Consumes Kafka topics into the runtime (see the crate docs for what it commits).

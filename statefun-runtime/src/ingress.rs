@@ -62,6 +62,48 @@ pub struct Routed {
     pub target: Address,
     /// The message.
     pub message: TypedValue,
+    /// The sending function, for a message between functions that travelled through a
+    /// topic ([`MessageRouter`]); `None` for records from the outside.
+    pub caller: Option<Address>,
+}
+
+impl Routed {
+    /// `message` for `target`, from outside any function.
+    pub fn new(target: Address, message: TypedValue) -> Routed {
+        Routed {
+            target,
+            message,
+            caller: None,
+        }
+    }
+}
+
+/// Decodes a message the runtime sent to a partition that runs on another instance
+/// ([`CommitUnit::messages`](crate::state::CommitUnit::messages), cluster mode): its
+/// target, caller and message.
+pub fn decode_message(bytes: &[u8]) -> Result<Routed, RouteError> {
+    let env =
+        crate::state::entries::decode_envelope(bytes).map_err(|e| RouteError(format!("not a runtime message: {e}")))?;
+    Ok(Routed {
+        target: env.target,
+        message: env.message,
+        caller: env.caller,
+    })
+}
+
+/// Routes the records of a runtime's internal topic (cluster mode): each value is a
+/// message one function sent to another ([`decode_message`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MessageRouter;
+
+impl Router for MessageRouter {
+    fn route(&self, record: &IngressRecord) -> Result<Routed, RouteError> {
+        let value = record
+            .value
+            .as_ref()
+            .ok_or_else(|| RouteError("record has no value".into()))?;
+        decode_message(value)
+    }
 }
 
 /// Why a record could not be routed.
@@ -111,10 +153,10 @@ impl Router for KeyRouter {
             .value
             .clone()
             .ok_or_else(|| RouteError("record has no value".into()))?;
-        Ok(Routed {
+        Ok(Routed::new(
             target,
-            message: TypedValue::from_bytes(self.value_type.clone(), value),
-        })
+            TypedValue::from_bytes(self.value_type.clone(), value),
+        ))
     }
 }
 
@@ -248,16 +290,16 @@ impl IngressSink {
             let offset = u64::try_from(p.offset).ok()?;
             Some((Arc::from(source_name(&p.topic, p.partition)), offset))
         });
+        let acceptor = record.position.as_ref().map(|p| self.acceptor(p.partition));
         let env = Envelope {
             target: routed.target,
-            caller: None,
+            caller: routed.caller,
             message: routed.message,
             inbox: None,
             position,
         };
-        let q = self.shared.partition_of(&env.target);
-        match self.shared.submit(env).await {
-            Ok(()) => Ok(Some(q)),
+        match self.shared.submit(env, acceptor).await {
+            Ok(q) => Ok(Some(q)),
             Err(SubmitError::UnknownFunctionType(env)) => {
                 self.shared.dead_letter(DeadLetter {
                     reason: DeadLetterReason::UnknownFunctionType(env.target.type_name().clone()),
@@ -269,7 +311,38 @@ impl IngressSink {
                 Ok(None)
             }
             Err(SubmitError::ShuttingDown) => Err(Closed),
+            Err(SubmitError::NotOwned(p)) => {
+                self.shared.dead_letter(DeadLetter {
+                    reason: DeadLetterReason::Unroutable {
+                        ingress: self.name.to_string(),
+                        error: format!(
+                            "the record's source partition belongs to runtime partition {p}, which does not run on \
+                             this instance: a cluster-mode ingress must read only the source partitions of the \
+                             runtime partitions it owns"
+                        ),
+                    },
+                    target: None,
+                    caller: None,
+                    message: None,
+                    record: Some(record),
+                });
+                Ok(None)
+            }
         }
+    }
+
+    /// Cluster mode: the runtime partition that accepts the records of source
+    /// partition `partition` (and stores the progress through it).
+    fn acceptor(&self, partition: i32) -> crate::PartitionId {
+        crate::PartitionId(partition.unsigned_abs() % self.shared.config.partitions)
+    }
+
+    /// Whether the runtime runs in cluster mode
+    /// ([`StateBackend::owned_partitions`](crate::state::StateBackend::owned_partitions))
+    /// and, if so, whether it owns the runtime partition that accepts the records of
+    /// source partition `partition`: only then may a source read that partition.
+    pub fn accepts_source_partition(&self, partition: i32) -> bool {
+        !self.shared.cluster || self.shared.owns(self.acceptor(partition))
     }
 }
 
@@ -294,15 +367,21 @@ impl IngressSink {
     /// It is the smallest offset any runtime partition has stored for the source. A
     /// partition that has stored none yet makes it `None`; records at or below a
     /// partition's own stored offset are skipped when replayed, so resuming early never
-    /// duplicates.
+    /// duplicates. In cluster mode one runtime partition accepts all records of a
+    /// source partition, and it is the offset that partition stored.
     pub fn committed_offset(&self, topic: &str, partition: i32) -> Result<Option<i64>, crate::state::Error> {
         if !self.shared.backend.durable() {
             return Ok(None);
         }
         let source = source_name(topic, partition);
+        let acceptors: Vec<crate::PartitionId> = if self.shared.cluster {
+            vec![self.acceptor(partition)]
+        } else {
+            (0..self.shared.config.partitions).map(crate::PartitionId).collect()
+        };
         let mut min: Option<u64> = None;
-        for p in 0..self.shared.config.partitions {
-            match self.shared.backend.committed_progress(crate::PartitionId(p), &source)? {
+        for p in acceptors {
+            match self.shared.backend.committed_progress(p, &source)? {
                 None => return Ok(None),
                 Some(v) => min = Some(min.map_or(v, |m| m.min(v))),
             }

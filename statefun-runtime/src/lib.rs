@@ -79,8 +79,8 @@ pub use egress::{
     LoggingDeadLetters,
 };
 pub use ingress::{
-    GeneratorIngress, IngressRecord, IngressSink, KeyRouter, MemoryIngress, MemoryIngressSender, Routed,
-    SourcePosition, VecIngress,
+    GeneratorIngress, IngressRecord, IngressSink, KeyRouter, MemoryIngress, MemoryIngressSender, MessageRouter, Routed,
+    SourcePosition, VecIngress, decode_message,
 };
 pub use partition::PartitionStats;
 pub use partitioner::{PartitionId, partition_for};

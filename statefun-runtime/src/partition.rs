@@ -527,14 +527,18 @@ impl Partition {
                 }
                 advanced.push((Arc::clone(source), *offset));
             }
-            let dispatchable =
-                !self.parked.contains_key(&env.target) && self.functions.contains_key(env.target.type_name());
+            // In cluster mode the accepting partition may not be the target's: the
+            // message then goes into the target partition's inbox (or, if that runs
+            // elsewhere, to its owner with the commit), like a message between functions.
+            let receiver = self.shared.partition_of(&env.target);
+            let dispatchable = (receiver != self.id || !self.parked.contains_key(&env.target))
+                && self.functions.contains_key(env.target.type_name());
             if dispatchable {
                 let key = LogKey::Inbox {
                     sender: self.id,
                     seq: self.next_seq(),
                 };
-                wb.log.push(LogOp::put(self.id, key, entries::encode_envelope(&env)));
+                wb.log.push(LogOp::put(receiver, key, entries::encode_envelope(&env)));
                 env.inbox = Some(key);
             }
             keep.push(env);
@@ -562,7 +566,11 @@ impl Partition {
             self.progress.insert(source, Some(offset));
         }
         for env in keep {
-            self.enqueue(env);
+            if env.inbox.is_some() {
+                self.route(env);
+            } else {
+                self.enqueue(env);
+            }
         }
     }
 

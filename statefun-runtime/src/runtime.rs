@@ -81,7 +81,11 @@ impl Clock {
 pub(crate) struct Shared {
     pub(crate) config: RuntimeConfig,
     pub(crate) module: Module,
-    pub(crate) partitions: Vec<PartitionSender>,
+    /// Per partition: its queues, or `None` for a partition owned by another instance
+    /// (cluster mode).
+    pub(crate) partitions: Vec<Option<PartitionSender>>,
+    /// Cluster mode ([`StateBackend::owned_partitions`]).
+    pub(crate) cluster: bool,
     pub(crate) egresses: HashMap<TypeName, Arc<dyn Egress>>,
     dead_letters: Arc<dyn DeadLetterSink>,
     outstanding: AtomicU64,
@@ -113,6 +117,8 @@ fn random_run_id() -> u64 {
 pub(crate) enum SubmitError {
     UnknownFunctionType(Box<Envelope>),
     ShuttingDown,
+    /// Cluster mode: the partition that must accept the message runs elsewhere.
+    NotOwned(PartitionId),
 }
 
 impl Shared {
@@ -144,8 +150,39 @@ impl Shared {
         self.dead_letters.send(d);
     }
 
-    /// Accepts a message from outside (ingress or handle), waiting for room.
-    pub(crate) async fn submit(&self, env: Envelope) -> Result<(), SubmitError> {
+    /// Whether partition `p` runs on this instance.
+    pub(crate) fn owns(&self, p: PartitionId) -> bool {
+        self.partitions.get(p.0 as usize).is_some_and(Option::is_some)
+    }
+
+    /// The partitions that run on this instance.
+    pub(crate) fn owned(&self) -> impl Iterator<Item = PartitionId> + '_ {
+        (0..self.config.partitions).map(PartitionId).filter(|p| self.owns(*p))
+    }
+
+    /// The partition that accepts a message from outside: its target's partition; in
+    /// cluster mode `acceptor` (an ingress record's source partition, so that progress
+    /// through a source partition lives in one runtime partition), or the target's
+    /// partition when it runs here, or else the first partition that runs here, which
+    /// forwards it.
+    fn acceptor(&self, target: PartitionId, acceptor: Option<PartitionId>) -> PartitionId {
+        if !self.cluster {
+            return target;
+        }
+        match acceptor {
+            Some(a) => a,
+            None if self.owns(target) => target,
+            None => self.owned().next().unwrap_or(target),
+        }
+    }
+
+    /// Accepts a message from outside (ingress or handle), waiting for room in the
+    /// queue of the accepting partition (see `acceptor`), which it returns.
+    pub(crate) async fn submit(
+        &self,
+        env: Envelope,
+        acceptor: Option<PartitionId>,
+    ) -> Result<PartitionId, SubmitError> {
         if self.module.get(env.target.type_name()).is_none() {
             return Err(SubmitError::UnknownFunctionType(Box::new(env)));
         }
@@ -156,9 +193,13 @@ impl Shared {
             self.finish(1);
             return Err(SubmitError::ShuttingDown);
         }
-        let p = self.partition_of(&env.target);
-        match self.partitions[p.0 as usize].ingress.send(env).await {
-            Ok(()) => Ok(()),
+        let p = self.acceptor(self.partition_of(&env.target), acceptor);
+        let Some(Some(queues)) = self.partitions.get(p.0 as usize) else {
+            self.finish(1);
+            return Err(SubmitError::NotOwned(p));
+        };
+        match queues.ingress.send(env).await {
+            Ok(()) => Ok(p),
             Err(mpsc::error::SendError(_)) => {
                 self.finish(1);
                 Err(SubmitError::ShuttingDown)
@@ -166,11 +207,16 @@ impl Shared {
         }
     }
 
-    /// Sends an already-counted message to another partition.
+    /// Sends an already-counted message to another partition. In cluster mode, a
+    /// message for a partition that runs elsewhere is finished here: it is in the
+    /// sender's write, which the commit delivers to the owner.
     pub(crate) fn send_internal(&self, p: PartitionId, env: Envelope) {
-        if let Err(mpsc::error::SendError(Inbound::Message(env))) =
-            self.partitions[p.0 as usize].inbound.send(Inbound::Message(env))
-        {
+        let Some(queues) = &self.partitions[p.0 as usize] else {
+            debug_assert!(env.inbox.is_some(), "a message to another instance must be in a write");
+            self.finish(1);
+            return;
+        };
+        if let Err(mpsc::error::SendError(Inbound::Message(env))) = queues.inbound.send(Inbound::Message(env)) {
             self.dead_letter(DeadLetter {
                 reason: crate::egress::DeadLetterReason::ShuttingDown,
                 caller: env.caller,
@@ -231,6 +277,9 @@ pub enum SendError {
     /// The runtime is stopping or stopped.
     #[error("runtime is shutting down")]
     ShuttingDown,
+    /// Cluster mode: no partition runs on this instance (now), so none can accept it.
+    #[error("partition {0} does not run on this instance")]
+    NotOwned(PartitionId),
     /// The value could not be encoded.
     #[error(transparent)]
     Codec(#[from] statefun_sdk::CodecError),
@@ -243,6 +292,9 @@ pub enum QueryError {
     /// The runtime is not running.
     #[error("runtime is not running")]
     NotRunning,
+    /// Cluster mode: the partition asked about runs on another instance.
+    #[error("partition {0} does not run on this instance")]
+    NotOwned(PartitionId),
     /// The function type is unknown or does not declare this state.
     #[error("state {name:?} is not declared by {function}")]
     Undeclared {
@@ -363,9 +415,20 @@ impl RuntimeBuilder {
         }
         self.backend.check_partitions(n).map_err(durable_err)?;
         let incarnation = self.backend.next_incarnation().map_err(durable_err)?;
+        let owned = self.backend.owned_partitions();
+        if let Some(p) = owned.iter().flatten().find(|p| p.0 >= n) {
+            return Err(Error::Config(ConfigError {
+                field: "partitions",
+                reason: format!("the state backend owns partition {p}, but the runtime has {n} partitions"),
+            }));
+        }
         let mut senders = Vec::with_capacity(n as usize);
         let mut receivers = Vec::with_capacity(n as usize);
         for p in 0..n {
+            if owned.as_ref().is_some_and(|o| !o.contains(&PartitionId(p))) {
+                senders.push(None);
+                continue;
+            }
             let store = self
                 .backend
                 .open_partition(PartitionId(p))
@@ -375,16 +438,17 @@ impl RuntimeBuilder {
                 })?;
             let (itx, irx) = mpsc::channel(self.config.ingress_queue_capacity);
             let (btx, brx) = mpsc::unbounded_channel();
-            senders.push(PartitionSender {
+            senders.push(Some(PartitionSender {
                 ingress: itx,
                 inbound: btx,
-            });
+            }));
             receivers.push((PartitionId(p), store, irx, brx));
         }
         let shared = Arc::new(Shared {
             config: self.config,
             module,
             partitions: senders,
+            cluster: owned.is_some(),
             egresses: self.egresses,
             dead_letters: self.dead_letters,
             outstanding: AtomicU64::new(0),
@@ -652,10 +716,14 @@ impl RuntimeHandle {
             inbox: None,
             position: None,
         };
-        self.shared.submit(env).await.map_err(|e| match e {
-            SubmitError::UnknownFunctionType(env) => SendError::UnknownFunctionType(env.target.type_name().clone()),
-            SubmitError::ShuttingDown => SendError::ShuttingDown,
-        })
+        match self.shared.submit(env, None).await {
+            Ok(_) => Ok(()),
+            Err(SubmitError::UnknownFunctionType(env)) => {
+                Err(SendError::UnknownFunctionType(env.target.type_name().clone()))
+            }
+            Err(SubmitError::ShuttingDown) => Err(SendError::ShuttingDown),
+            Err(SubmitError::NotOwned(p)) => Err(SendError::NotOwned(p)),
+        }
     }
 
     /// Encodes `value` and sends it.
@@ -689,6 +757,8 @@ impl RuntimeHandle {
     ) -> Result<R, QueryError> {
         let (tx, rx) = oneshot::channel();
         self.shared.partitions[p.0 as usize]
+            .as_ref()
+            .ok_or(QueryError::NotOwned(p))?
             .inbound
             .send(Inbound::Control(make(tx)))
             .map_err(|_| QueryError::NotRunning)?;
@@ -727,11 +797,12 @@ impl RuntimeHandle {
             .await??)
     }
 
-    /// Parked addresses with the error that parked them.
+    /// Parked addresses with the error that parked them (in cluster mode: in the
+    /// partitions that run on this instance).
     pub async fn parked(&self) -> Result<Vec<(Address, String)>, QueryError> {
         let mut all = Vec::new();
-        for p in 0..self.shared.config.partitions {
-            all.extend(self.control(PartitionId(p), |reply| Control::Parked { reply }).await?);
+        for p in self.shared.owned().collect::<Vec<_>>() {
+            all.extend(self.control(p, |reply| Control::Parked { reply }).await?);
         }
         all.sort();
         Ok(all)
@@ -755,11 +826,11 @@ impl RuntimeHandle {
             .map_err(QueryError::State)
     }
 
-    /// Statistics of every partition.
+    /// Statistics of every partition (in cluster mode: that runs on this instance).
     pub async fn stats(&self) -> Result<Vec<PartitionStats>, QueryError> {
         let mut all = Vec::new();
-        for p in 0..self.shared.config.partitions {
-            all.push(self.control(PartitionId(p), |reply| Control::Stats { reply }).await?);
+        for p in self.shared.owned().collect::<Vec<_>>() {
+            all.push(self.control(p, |reply| Control::Stats { reply }).await?);
         }
         Ok(all)
     }

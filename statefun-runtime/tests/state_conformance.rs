@@ -73,6 +73,8 @@ struct MemoryChangelog {
     log: std::sync::Mutex<HashMap<PartitionId, Vec<RawOp>>>,
     /// Fail every commit (a broker that is away).
     fail: std::sync::atomic::AtomicBool,
+    /// Messages committed for partitions owned elsewhere (cluster mode), in order.
+    messages: std::sync::Mutex<Vec<(PartitionId, Bytes)>>,
 }
 
 impl Changelog for MemoryChangelog {
@@ -93,6 +95,7 @@ impl Changelog for MemoryChangelog {
             }));
             positions.push((*p, l.len() as i64 - 1));
         }
+        self.messages.lock().unwrap().extend(unit.messages.iter().cloned());
         Ok(positions)
     }
     fn restore(
@@ -573,4 +576,137 @@ fn a_runtime_with_a_changelog_backend_refuses_an_egress_sink_outside_the_commit(
         matches!(&e, statefun_runtime::Error::EgressOutsideCommit(id) if *id == out),
         "{e}"
     );
+}
+
+/// An id whose address lives in `partition` of 2.
+fn id_in(partition: u32) -> String {
+    (0..)
+        .map(|i| format!("id{i}"))
+        .find(|id| statefun_runtime::partition_for(id, 2).0 == partition)
+        .unwrap()
+}
+
+/// Cluster mode with two partitions, one per "instance": a message to the partition
+/// owned elsewhere leaves in the commit (never in this instance's changelog or
+/// RocksDB); the other instance accepts it from the internal topic once, even when the
+/// record is delivered twice, and the caller arrives with it.
+#[tokio::test]
+async fn cluster_mode_commits_messages_for_other_instances_and_accepts_them_once() {
+    use statefun_runtime::{
+        IngressRecord, MessageRouter, QueryError, Runtime, RuntimeConfig, SourcePosition, VecIngress,
+    };
+    use statefun_sdk::{FunctionSpec, Module, TypedValue, ValueSpec};
+    const F: TypeName = TypeName::from_static("t/f");
+    const V: TypeName = TypeName::from_static("t/v");
+    const SEEN: ValueSpec<i64> = ValueSpec::named("seen");
+    let (here, there) = (id_in(0), id_in(1));
+    let module = || {
+        let there = there.clone();
+        Module::builder()
+            .with_fn(FunctionSpec::new(F).with_state(SEEN), move |ctx, msg| {
+                let n = ctx.storage().get(&SEEN)?.unwrap_or(0) + 1;
+                ctx.storage().set(&SEEN, &n)?;
+                if ctx.self_address().id() != there {
+                    ctx.send_message(Address::new(F, there.clone())?, msg);
+                }
+                Ok(())
+            })
+            .build()
+            .unwrap()
+    };
+    let changelog = Arc::new(MemoryChangelog::default());
+    let config = RuntimeConfig {
+        partitions: 2,
+        ..Default::default()
+    };
+    let open = |owned: u32, dir: &tempfile::TempDir| {
+        let rocks = statefun_runtime::state::RocksDbBackend::open(dir.path(), Default::default()).unwrap();
+        let c: Arc<dyn Changelog> = changelog.clone();
+        ChangelogBackend::open_owned(rocks, c, [PartitionId(owned)], std::time::Duration::from_millis(10))
+            .unwrap()
+            .0
+    };
+
+    // Instance 0 owns partition 0.
+    let dir0 = tempfile::tempdir().unwrap();
+    let rt = Runtime::builder()
+        .config(config.clone())
+        .module(module())
+        .state_backend(open(0, &dir0))
+        .build()
+        .unwrap();
+    let h = rt.handle();
+    let run = tokio::spawn(rt.run(std::future::pending::<()>()));
+    h.send(Address::new(F, here.clone()).unwrap(), TypedValue::from_bytes(V, "m"))
+        .await
+        .unwrap();
+    h.wait_idle().await;
+    assert_eq!(
+        h.state(&Address::new(F, here.clone()).unwrap(), &SEEN).await.unwrap(),
+        Some(1)
+    );
+    assert!(matches!(
+        h.state(&Address::new(F, there.clone()).unwrap(), &SEEN).await,
+        Err(QueryError::NotOwned(PartitionId(1)))
+    ));
+    // The commit task runs every 10 ms: wait for the message to be committed.
+    let committed = async {
+        loop {
+            if let Some(m) = changelog.messages.lock().unwrap().first().cloned() {
+                return m;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    };
+    let message = tokio::time::timeout(std::time::Duration::from_secs(10), committed)
+        .await
+        .expect("the message to partition 1 was never committed");
+    run.abort();
+    assert_eq!(message.0, PartitionId(1));
+    let routed = statefun_runtime::decode_message(&message.1).unwrap();
+    assert_eq!(routed.target, Address::new(F, there.clone()).unwrap());
+    assert_eq!(routed.caller, Some(Address::new(F, here.clone()).unwrap()));
+    assert!(
+        changelog
+            .log
+            .lock()
+            .unwrap()
+            .get(&PartitionId(1))
+            .is_none_or(|l| l.iter().all(|op| op.key.starts_with(b"\x00"))),
+        "instance 0 wrote state or logs of partition 1"
+    );
+
+    // Instance 1 owns partition 1 and reads the message from the internal topic; the
+    // record arrives twice (a re-read after a restart) and is accepted once.
+    let dir1 = tempfile::tempdir().unwrap();
+    let record = IngressRecord {
+        value: Some(message.1.clone()),
+        position: Some(SourcePosition {
+            topic: Arc::from("app-internal"),
+            partition: 1,
+            offset: 0,
+        }),
+        ..Default::default()
+    };
+    let rt = Runtime::builder()
+        .config(config)
+        .module(module())
+        .state_backend(open(1, &dir1))
+        .ingress(VecIngress::new("internal", vec![record.clone(), record]), MessageRouter)
+        .build()
+        .unwrap();
+    let h = rt.handle();
+    let run = tokio::spawn(rt.run(std::future::pending::<()>()));
+    let there_address = Address::new(F, there).unwrap();
+    let processed = async {
+        while h.state(&there_address, &SEEN).await.unwrap().is_none() {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(10), processed)
+        .await
+        .expect("instance 1 never processed the message");
+    h.wait_idle().await;
+    assert_eq!(h.state(&there_address, &SEEN).await.unwrap(), Some(1));
+    run.abort();
 }

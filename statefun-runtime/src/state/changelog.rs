@@ -47,12 +47,17 @@ pub struct CommitUnit {
     /// Egress records produced since the last commit, in production order per
     /// partition. Each has its [`EgressId`].
     pub egress: Vec<EgressRecord>,
+    /// Cluster mode: messages to partitions this instance does not own, in the order
+    /// they were sent, each with its receiving partition. The changelog delivers them
+    /// to the owner (the internal topic) in the same transaction. The bytes decode with
+    /// [`decode_message`](crate::ingress::decode_message).
+    pub messages: Vec<(PartitionId, Bytes)>,
 }
 
 impl CommitUnit {
     /// True when there is nothing to commit.
     pub fn is_empty(&self) -> bool {
-        self.changes.values().all(BTreeMap::is_empty) && self.egress.is_empty()
+        self.changes.values().all(BTreeMap::is_empty) && self.egress.is_empty() && self.messages.is_empty()
     }
 
     /// Adds `later`'s changes and egress on top of this unit's.
@@ -61,6 +66,7 @@ impl CommitUnit {
             self.changes.entry(p).or_default().extend(changes);
         }
         self.egress.extend(later.egress);
+        self.messages.extend(later.messages);
     }
 
     fn get(&self, partition: PartitionId, key: &[u8]) -> Option<&Option<Bytes>> {
@@ -103,6 +109,10 @@ struct Inner {
     rocks: RocksDbBackend,
     changelog: Arc<dyn Changelog>,
     interval: Duration,
+    /// The partitions restored here: all, or the owned ones.
+    partitions: Vec<PartitionId>,
+    /// Cluster mode: the partitions this instance owns (sorted).
+    owned: Option<Vec<PartitionId>>,
     overlay: Mutex<Overlay>,
     /// One commit at a time.
     commit_lock: Mutex<()>,
@@ -142,8 +152,40 @@ impl ChangelogBackend {
         partitions: u32,
         interval: Duration,
     ) -> Result<(ChangelogBackend, Restored), Error> {
+        Self::restore_and_open(
+            rocks,
+            changelog,
+            (0..partitions).map(PartitionId).collect(),
+            None,
+            interval,
+        )
+    }
+
+    /// Cluster mode ([`StateBackend::owned_partitions`]): like [`ChangelogBackend::open`]
+    /// for the partitions in `owned` only. The data RocksDB holds for other partitions
+    /// stays as it is: if one of them is owned here again later, only the changelog
+    /// written since is replayed.
+    pub fn open_owned(
+        rocks: RocksDbBackend,
+        changelog: Arc<dyn Changelog>,
+        owned: impl IntoIterator<Item = PartitionId>,
+        interval: Duration,
+    ) -> Result<(ChangelogBackend, Restored), Error> {
+        let mut owned: Vec<PartitionId> = owned.into_iter().collect();
+        owned.sort();
+        owned.dedup();
+        Self::restore_and_open(rocks, changelog, owned.clone(), Some(owned), interval)
+    }
+
+    fn restore_and_open(
+        rocks: RocksDbBackend,
+        changelog: Arc<dyn Changelog>,
+        restore: Vec<PartitionId>,
+        owned: Option<Vec<PartitionId>>,
+        interval: Duration,
+    ) -> Result<(ChangelogBackend, Restored), Error> {
         let mut restored = Restored::default();
-        for p in (0..partitions).map(PartitionId) {
+        for &p in &restore {
             let after = rocks.changelog_position(p)?;
             let mut applied = 0u64;
             changelog.restore(p, after, &mut |ops, position| {
@@ -157,6 +199,8 @@ impl ChangelogBackend {
                 rocks,
                 changelog,
                 interval,
+                partitions: restore,
+                owned,
                 overlay: Mutex::new(Overlay {
                     current: CommitUnit::default(),
                     committing: Arc::default(),
@@ -165,6 +209,13 @@ impl ChangelogBackend {
             }),
         };
         Ok((backend, restored))
+    }
+
+    fn owns(&self, partition: PartitionId) -> bool {
+        self.inner
+            .owned
+            .as_ref()
+            .is_none_or(|o| o.binary_search(&partition).is_ok())
     }
 
     /// Reads `key` of `partition` as the runtime sees it: the overlay, then RocksDB.
@@ -199,6 +250,7 @@ impl ChangelogBackend {
             }
         }
         o.current.egress.extend(unit.egress);
+        o.current.messages.extend(unit.messages);
     }
 }
 
@@ -219,20 +271,25 @@ impl StateBackend for ChangelogBackend {
         true
     }
 
-    /// Read from the overlay or RocksDB (which the changelog restored), and committed
-    /// before it is returned, so a restore onto another machine never reuses a number.
+    /// One more than the highest incarnation any owned partition was written by, stored
+    /// in each of them and committed before it is returned: a partition restored on
+    /// another instance never reuses a log sequence number.
     fn next_incarnation(&self) -> Result<u64, Error> {
-        let key = RocksDbBackend::incarnation_key();
-        let last = match self.read(PartitionId(0), key)? {
-            None => 0,
-            Some(v) => decode_u64(&v, || "incarnation marker".to_owned())?,
-        };
+        let mut last = 0;
+        for &p in &self.inner.partitions {
+            let key = RocksDbBackend::partition_incarnation_key(p);
+            if let Some(v) = self.read(p, &key)? {
+                last = last.max(decode_u64(&v, || format!("incarnation marker of partition {p}"))?);
+            }
+        }
         let next = last + 1;
         let mut unit = CommitUnit::default();
-        unit.changes.entry(PartitionId(0)).or_default().insert(
-            Bytes::from_static(key),
-            Some(Bytes::copy_from_slice(&next.to_be_bytes())),
-        );
+        for &p in &self.inner.partitions {
+            unit.changes.entry(p).or_default().insert(
+                RocksDbBackend::partition_incarnation_key(p).into(),
+                Some(Bytes::copy_from_slice(&next.to_be_bytes())),
+            );
+        }
         self.stage(unit);
         self.commit()?;
         Ok(next)
@@ -249,6 +306,10 @@ impl StateBackend for ChangelogBackend {
 
     fn takes_egress(&self, egress: &TypeName) -> bool {
         self.inner.changelog.takes_egress(egress)
+    }
+
+    fn owned_partitions(&self) -> Option<Vec<PartitionId>> {
+        self.inner.owned.clone()
     }
 
     fn commit_interval(&self) -> Option<Duration> {
@@ -291,7 +352,7 @@ impl StateBackend for ChangelogBackend {
             // stay readable and are committed again (same values) with the next unit.
             Err(_) => Arc::new(CommitUnit {
                 changes: unit.changes.clone(),
-                egress: Vec::new(),
+                ..CommitUnit::default()
             }),
         };
         applied
@@ -345,6 +406,20 @@ impl PartitionStore for StagedStore {
         }
         // Log entries may belong to another partition (a message into its inbox).
         for op in log {
+            if !self.backend.owns(op.partition) {
+                // Cluster mode: a message for a partition owned elsewhere travels in
+                // the commit, to its owner.
+                match (op.key, op.value) {
+                    (LogKey::Inbox { .. }, Some(message)) => unit.messages.push((op.partition, message)),
+                    (key, _) => {
+                        return Err(Error::Permanent(format!(
+                            "partition {} wrote {key:?} of partition {}, which this instance does not own",
+                            self.partition, op.partition
+                        )));
+                    }
+                }
+                continue;
+            }
             match self.taken_egress(&op) {
                 Some(record) => unit.egress.push(record),
                 None => {

@@ -222,6 +222,18 @@ pub trait StateBackend: Send + Sync + 'static {
         None
     }
 
+    /// The partitions that run on this instance when the partitions are spread over
+    /// several instances (Kafka's cluster mode, `statefun-kafka`): `Some` switches the
+    /// runtime to cluster mode. Only these partitions get a task and a store; messages
+    /// to the others leave through the backend's commit
+    /// ([`changelog::CommitUnit::messages`]), and an ingress record is accepted by the
+    /// partition numbered like its source partition (modulo the partition count), so
+    /// that the progress through one source partition lives in one runtime partition
+    /// and moves with it. Default: `None`, every partition runs here.
+    fn owned_partitions(&self) -> Option<Vec<PartitionId>> {
+        None
+    }
+
     /// Makes every write so far durable (blocking). Called every
     /// [`StateBackend::commit_interval`] and once more when the runtime stops. An error
     /// loses nothing: the writes stay pending and the next call tries again. Default:

@@ -509,9 +509,14 @@ impl RocksDbBackend {
         }
     }
 
-    /// The raw key of the incarnation counter ([`StateBackend::next_incarnation`]).
-    pub fn incarnation_key() -> &'static [u8] {
-        META_INCARNATION_KEY
+    /// The raw key of one partition's incarnation counter in a changelogged backend
+    /// ([`StateBackend::next_incarnation`]): partitions move between instances with
+    /// their changelog, so each carries the highest incarnation that wrote its logs.
+    pub fn partition_incarnation_key(partition: PartitionId) -> Vec<u8> {
+        let mut k = META_INCARNATION_KEY.to_vec();
+        k.push(b'/');
+        k.extend_from_slice(&partition.0.to_be_bytes());
+        k
     }
 }
 

@@ -1,0 +1,720 @@
+//! Cluster mode: the runtime's partitions spread over several instances, assigned by a
+//! Kafka consumer group, exactly once across instances (KIP-447 fencing).
+//!
+//! Why it exists: one instance is bounded by one machine. Here every instance of an
+//! application runs [`KafkaCluster::run`] with the same `application_id`; Kafka's group
+//! protocol is the distributed engine, there is no cluster protocol of our own:
+//! * **Ownership.** A member of group `application_id` subscribes to the internal topic
+//!   `<application_id>-internal` (one partition per runtime partition, cooperative-sticky
+//!   assignment). The internal-topic partitions it is assigned are the runtime
+//!   partitions it runs. The member never reads records; it only holds the assignment.
+//! * **On assignment** the instance stops its runtime (committing the open interval),
+//!   reads the group's offsets of the new partitions with `isolation.level=read_committed`
+//!   (which waits until a transaction of the previous owner that holds them has ended),
+//!   restores the partitions (local RocksDB, then the changelog tail; or the whole
+//!   changelog) and starts a runtime over everything it owns.
+//! * **On revocation** (inside the group's rebalance callback, before the partitions can
+//!   go to anyone else) it stops the runtime, which commits the open interval, and only
+//!   then lets the rebalance continue.
+//! * **Messages** for a partition owned elsewhere go, in the sender's transaction, to
+//!   the internal topic's partition; its owner reads it (read_committed) as an ingress
+//!   whose progress is stored with the state, so each is accepted exactly once.
+//! * **Ingress topics** are read by the owner of runtime partition
+//!   `source partition % partitions`, which accepts the records and stores the progress
+//!   through them; records for addresses owned elsewhere are forwarded as messages.
+//! * **Fencing.** Each transaction also commits the internal-topic offsets of the owned
+//!   partitions with the group's metadata (`send_offsets_to_transaction`). The broker
+//!   refuses it from a member whose generation is over, so an instance that lost its
+//!   partitions (a zombie) cannot commit for them. A restarted instance with the same
+//!   `instance_id` (transactional id) also fences its previous process.
+//!
+//! A rebalance restarts the instance's runtime over its new partition set: partitions it
+//! keeps continue from local RocksDB with an empty changelog tail. Kafka Streams moves
+//! single tasks instead; doing the same here (starting and stopping partition tasks in a
+//! running runtime) is future work. See `docs/kafka.md`, "Cluster mode".
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::mpsc as std_mpsc;
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::{ClientContext, DefaultClientContext};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::message::Message;
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use statefun_runtime::ingress::{
+    Error as IngressError, Ingress, IngressRecord, IngressSink, RouteError, Routed, Router,
+};
+use statefun_runtime::state::{ChangelogBackend, RocksDbBackend, RocksDbOptions};
+use statefun_runtime::{MessageRouter, PartitionId, RunReport, Runtime, RuntimeBuilder, RuntimeConfig};
+use statefun_sdk::TypeName;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::changelog::GroupLink;
+use crate::{KafkaChangelog, KafkaChangelogConfig, StartPosition};
+
+/// Configuration of one instance of a cluster ([`KafkaCluster::run`]).
+#[derive(Clone)]
+#[non_exhaustive]
+pub struct KafkaClusterConfig {
+    /// `bootstrap.servers`.
+    pub bootstrap_servers: String,
+    /// The application: the consumer group, and the prefix of its topics
+    /// (`<application_id>-internal`, `<application_id>-changelog`). The same on every
+    /// instance.
+    pub application_id: String,
+    /// This instance: stable across its restarts, different from every other instance
+    /// (its transactional id is `<application_id>-<instance_id>`).
+    pub instance_id: String,
+    /// The runtime's partition count: the same on every instance, fixed for the life of
+    /// the application's state.
+    pub partitions: u32,
+    /// Where this instance keeps its RocksDB (a materialized copy of the changelog).
+    pub state_dir: PathBuf,
+    /// RocksDB options.
+    pub rocksdb: RocksDbOptions,
+    /// How often state, messages and egress are committed. Default: 100 ms.
+    pub commit_interval: Duration,
+    /// Ingress topics and their routers. A topic's partition `j` is read by the owner of
+    /// runtime partition `j % partitions`; key the topic by function id with as many
+    /// partitions as the runtime has, and records need no forwarding.
+    pub ingress: Vec<(String, Arc<dyn Router>)>,
+    /// Where an ingress topic starts when nothing was accepted from it yet. Default:
+    /// earliest.
+    pub start: StartPosition,
+    /// Egress ids committed in the transaction, and their topics (which must exist).
+    pub egress_topics: HashMap<TypeName, String>,
+    /// How long a silent instance keeps its partitions (`session.timeout.ms`). Default:
+    /// 10 s.
+    pub session_timeout: Duration,
+    /// How long a rebalance waits for members to rejoin (`max.poll.interval.ms`; the
+    /// member polls continuously, so only a revocation's final commit counts against
+    /// it). Default: 60 s.
+    pub rebalance_timeout: Duration,
+    /// How partitions are assigned. Default: [`Assignment::Cooperative`].
+    pub assignment: Assignment,
+    /// How long Kafka calls may block. Default: 30 s.
+    pub timeout: Duration,
+    /// Replication factor of the topics it creates. Default: 1.
+    pub replication_factor: i32,
+    /// Runtime configuration; `partitions` is set from this config.
+    pub runtime: RuntimeConfig,
+}
+
+impl std::fmt::Debug for KafkaClusterConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaClusterConfig")
+            .field("application_id", &self.application_id)
+            .field("instance_id", &self.instance_id)
+            .field("partitions", &self.partitions)
+            .field("state_dir", &self.state_dir)
+            .finish()
+    }
+}
+
+impl KafkaClusterConfig {
+    /// A configuration with the defaults above.
+    pub fn new(
+        bootstrap_servers: impl Into<String>,
+        application_id: impl Into<String>,
+        instance_id: impl Into<String>,
+        partitions: u32,
+        state_dir: impl Into<PathBuf>,
+    ) -> KafkaClusterConfig {
+        KafkaClusterConfig {
+            bootstrap_servers: bootstrap_servers.into(),
+            application_id: application_id.into(),
+            instance_id: instance_id.into(),
+            partitions,
+            state_dir: state_dir.into(),
+            rocksdb: RocksDbOptions::default(),
+            commit_interval: Duration::from_millis(100),
+            ingress: Vec::new(),
+            start: StartPosition::Earliest,
+            egress_topics: HashMap::new(),
+            session_timeout: Duration::from_secs(10),
+            rebalance_timeout: Duration::from_secs(60),
+            assignment: Assignment::Cooperative,
+            timeout: Duration::from_secs(30),
+            replication_factor: 1,
+            runtime: RuntimeConfig::default(),
+        }
+    }
+
+    /// Reads `topic`, routing its records with `router`.
+    pub fn ingress(mut self, topic: impl Into<String>, router: impl Router) -> KafkaClusterConfig {
+        self.ingress.push((topic.into(), Arc::new(router)));
+        self
+    }
+
+    /// Commits the records of egress `egress` to `topic`, in the transaction.
+    pub fn egress(mut self, egress: TypeName, topic: impl Into<String>) -> KafkaClusterConfig {
+        self.egress_topics.insert(egress, topic.into());
+        self
+    }
+
+    /// The internal topic.
+    pub fn internal_topic(&self) -> String {
+        format!("{}-internal", self.application_id)
+    }
+
+    /// The changelog topic.
+    pub fn changelog_topic(&self) -> String {
+        format!("{}-changelog", self.application_id)
+    }
+}
+
+/// How an instance gets its partitions.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Assignment {
+    /// The consumer group, `cooperative-sticky`: a rebalance moves only the partitions
+    /// that change owner (the default).
+    #[default]
+    Cooperative,
+    /// The consumer group, eager `range` assignment: every rebalance revokes and
+    /// reassigns all partitions.
+    Eager,
+    /// No group: this instance owns exactly these partitions, for deployments that
+    /// shard by hand (a fixed set of instances, each configured with its partitions).
+    /// Nothing moves when an instance stops; it must be restarted. Two instances
+    /// configured with one partition are **not** fenced from each other (only a
+    /// restart of the same instance fences its previous process): the configuration
+    /// must give every partition to exactly one instance.
+    Fixed(Vec<PartitionId>),
+}
+
+/// Why an instance stopped with an error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClusterError {
+    /// A Kafka client could not be set up.
+    #[error(transparent)]
+    Kafka(#[from] crate::Error),
+    /// The runtime failed (a permanent commit error, a state error).
+    #[error(transparent)]
+    Runtime(#[from] statefun_runtime::Error),
+    /// The state could not be opened or restored.
+    #[error("cannot open the state of partitions {partitions:?}: {source}")]
+    State {
+        /// The partitions being opened.
+        partitions: Vec<PartitionId>,
+        /// The backend's error.
+        #[source]
+        source: statefun_runtime::state::Error,
+    },
+    /// The group membership ended (the consumer thread stopped).
+    #[error("the group membership ended: {0}")]
+    Membership(String),
+}
+
+impl ClusterError {
+    /// Whether trying again later may succeed (the broker, or an open transaction of a
+    /// previous owner, held it up).
+    fn is_transient(&self) -> bool {
+        use statefun_runtime::state::Error as StateError;
+        match self {
+            ClusterError::Kafka(_) => true,
+            ClusterError::State { source, .. } => matches!(source, StateError::Transient(_)),
+            ClusterError::Runtime(statefun_runtime::Error::State { source, .. }) => {
+                matches!(source, StateError::Transient(_))
+            }
+            _ => false,
+        }
+    }
+}
+
+/// What a finished instance reports.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterReport {
+    /// How many times the runtime was started (once per change of the partition set).
+    pub generations: u64,
+    /// The report of each runtime run, in order.
+    pub runs: Vec<RunReport>,
+}
+
+enum Event {
+    Assigned(Vec<PartitionId>),
+    /// Revoked partitions; the rebalance waits for the reply.
+    Revoked(Vec<PartitionId>, std_mpsc::SyncSender<()>),
+}
+
+/// The group member's callbacks: they hand assignment changes to the instance and wait
+/// for revocations to be committed.
+struct Member {
+    events: mpsc::UnboundedSender<Event>,
+    topic: String,
+    /// How long a revocation may take before the rebalance goes on without it.
+    revoke_timeout: Duration,
+}
+
+impl ClientContext for Member {}
+
+fn partitions_of(tpl: &TopicPartitionList, topic: &str) -> Vec<PartitionId> {
+    tpl.elements_for_topic(topic)
+        .iter()
+        .map(|e| PartitionId(e.partition() as u32))
+        .collect()
+}
+
+impl ConsumerContext for Member {
+    fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Revoke(tpl) => {
+                let parts = partitions_of(tpl, &self.topic);
+                if parts.is_empty() {
+                    return;
+                }
+                let (tx, rx) = std_mpsc::sync_channel(1);
+                if self.events.send(Event::Revoked(parts.clone(), tx)).is_ok()
+                    && rx.recv_timeout(self.revoke_timeout).is_err()
+                {
+                    tracing::error!(partitions = ?parts, "revoked partitions were not released in time");
+                }
+            }
+            Rebalance::Assign(_) => {}
+            Rebalance::Error(e) => tracing::warn!(error = %e, "group rebalance error"),
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            // The member only holds the assignment; the records are read elsewhere.
+            if let Err(e) = consumer.pause(tpl) {
+                tracing::warn!(error = %e, "cannot pause the membership consumer");
+            }
+            let parts = partitions_of(tpl, &self.topic);
+            if !parts.is_empty() {
+                let _ = self.events.send(Event::Assigned(parts));
+            }
+        }
+    }
+}
+
+/// One instance of a cluster (module docs).
+#[derive(Debug)]
+pub struct KafkaCluster;
+
+impl KafkaCluster {
+    /// Runs this instance until `shutdown` is cancelled: joins the group, and runs a
+    /// runtime over the partitions it is assigned, rebuilt at every change of the
+    /// assignment. `configure` adds what every runtime of this instance gets (the module,
+    /// dead letters, ...); the state backend and the ingresses come from `config`.
+    pub async fn run(
+        config: KafkaClusterConfig,
+        configure: impl Fn(RuntimeBuilder) -> RuntimeBuilder,
+        shutdown: CancellationToken,
+    ) -> Result<ClusterReport, ClusterError> {
+        let internal = config.internal_topic();
+        create_topic(&config, &internal).await?;
+        let mut changelog_config = KafkaChangelogConfig::new(
+            &config.bootstrap_servers,
+            config.changelog_topic(),
+            config.partitions,
+            format!("{}-{}", config.application_id, config.instance_id),
+        );
+        changelog_config.egress_topics = config.egress_topics.clone();
+        changelog_config.replication_factor = config.replication_factor;
+        changelog_config.timeout = config.timeout;
+        changelog_config.internal_topic = Some(internal.clone());
+        // A dead instance's open transaction holds back its partitions' next owner until
+        // the broker aborts it: keep that short (Kafka Streams uses 10 s as well).
+        changelog_config.properties = vec![("transaction.timeout.ms".into(), "10000".into())];
+        let changelog = Arc::new(KafkaChangelog::connect(changelog_config).await?);
+
+        let (events_tx, mut events) = mpsc::unbounded_channel();
+        let strategy = match &config.assignment {
+            Assignment::Cooperative => "cooperative-sticky",
+            Assignment::Eager => "range",
+            Assignment::Fixed(parts) => {
+                if let Some(p) = parts.iter().find(|p| p.0 >= config.partitions) {
+                    return Err(ClusterError::Membership(format!(
+                        "fixed assignment names partition {p}, but there are {} partitions",
+                        config.partitions
+                    )));
+                }
+                let _ = events_tx.send(Event::Assigned(parts.clone()));
+                let result = drive(&config, &changelog, None, &mut events, configure, shutdown).await;
+                drop(events_tx);
+                return result;
+            }
+        };
+        let member: Arc<BaseConsumer<Member>> = Arc::new(
+            ClientConfig::new()
+                .set("bootstrap.servers", &config.bootstrap_servers)
+                .set("group.id", &config.application_id)
+                .set("partition.assignment.strategy", strategy)
+                .set("session.timeout.ms", config.session_timeout.as_millis().to_string())
+                .set(
+                    "heartbeat.interval.ms",
+                    (config.session_timeout.as_millis() / 4).max(100).to_string(),
+                )
+                .set("max.poll.interval.ms", config.rebalance_timeout.as_millis().to_string())
+                .set("enable.auto.commit", "false")
+                // Offsets are read with require_stable: a transaction still holding them
+                // must end first (module docs).
+                .set("isolation.level", "read_committed")
+                .create_with_context(Member {
+                    events: events_tx,
+                    topic: internal.clone(),
+                    revoke_timeout: config.timeout * 2,
+                })
+                .map_err(crate::kafka("cannot create the group member"))?,
+        );
+        member
+            .subscribe(&[&internal])
+            .map_err(crate::kafka("cannot join the group"))?;
+        let stop_member = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let poller = {
+            let member = Arc::clone(&member);
+            let stop = Arc::clone(&stop_member);
+            std::thread::Builder::new()
+                .name("statefun-group".into())
+                .spawn(move || {
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        if let Some(Err(e)) = member.poll(Duration::from_millis(50)) {
+                            tracing::warn!(error = %e, "group member error");
+                        }
+                    }
+                })
+                .map_err(|e| ClusterError::Membership(e.to_string()))?
+        };
+
+        let result = drive(&config, &changelog, Some(&member), &mut events, configure, shutdown).await;
+        // Leave the group without blocking on our own revocation callback.
+        changelog.link_group(None);
+        drop(events);
+        stop_member.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = tokio::task::spawn_blocking(move || {
+            let _ = poller.join();
+            member.unsubscribe();
+            drop(member);
+        })
+        .await;
+        result
+    }
+}
+
+/// Rebuilds and runs the runtime at every assignment change (module docs).
+async fn drive(
+    config: &KafkaClusterConfig,
+    changelog: &Arc<KafkaChangelog>,
+    member: Option<&Arc<BaseConsumer<Member>>>,
+    events: &mut mpsc::UnboundedReceiver<Event>,
+    configure: impl Fn(RuntimeBuilder) -> RuntimeBuilder,
+    shutdown: CancellationToken,
+) -> Result<ClusterReport, ClusterError> {
+    let internal = config.internal_topic();
+    let mut owned: BTreeSet<PartitionId> = BTreeSet::new();
+    let mut report = ClusterReport::default();
+    let mut pending_acks: Vec<std_mpsc::SyncSender<()>> = Vec::new();
+    loop {
+        // Apply every change that is already queued, then release revoked partitions
+        // (the runtime that held them has stopped and committed).
+        while let Ok(e) = events.try_recv() {
+            apply(&mut owned, e, &mut pending_acks);
+        }
+        for ack in pending_acks.drain(..) {
+            let _ = ack.send(());
+        }
+        if shutdown.is_cancelled() {
+            return Ok(report);
+        }
+        if owned.is_empty() {
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(report),
+                e = events.recv() => match e {
+                    Some(e) => apply(&mut owned, e, &mut pending_acks),
+                    None => return Err(ClusterError::Membership("the group member stopped".into())),
+                },
+            }
+            continue;
+        }
+        let parts: Vec<PartitionId> = owned.iter().copied().collect();
+        let linked = match member {
+            None => Ok(()),
+            Some(member) => stable_offsets(member, &internal, &parts, config.timeout).map(|next| {
+                changelog.link_group(Some(GroupLink {
+                    metadata: {
+                        let member = Arc::clone(member);
+                        Box::new(move || member.group_metadata())
+                    },
+                    next,
+                }));
+            }),
+        };
+        let prepared = linked.and_then(|()| build(config, changelog, &parts, &configure));
+        let runtime = match prepared {
+            Ok(r) => r,
+            // The previous owner's transaction is still open (its offsets are not
+            // stable, or the changelog's end is held back) or the broker is away: try
+            // again, with whatever the group has assigned meanwhile.
+            Err(e) if e.is_transient() => {
+                tracing::warn!(error = %e, partitions = ?parts, "cannot start the partitions yet; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => {}
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        report.generations += 1;
+        tracing::info!(instance = %config.instance_id, partitions = ?parts, "running partitions");
+        let stop = CancellationToken::new();
+        let run = tokio::spawn(runtime.run(stop.clone().cancelled_owned()));
+        tokio::pin!(run);
+        let finished = tokio::select! {
+            _ = shutdown.cancelled() => None,
+            e = events.recv() => match e {
+                Some(e) => {
+                    apply(&mut owned, e, &mut pending_acks);
+                    None
+                }
+                None => return Err(ClusterError::Membership("the group member stopped".into())),
+            },
+            r = &mut run => Some(r),
+        };
+        let result = match finished {
+            Some(r) => r,
+            None => {
+                stop.cancel();
+                run.await
+            }
+        };
+        match result {
+            Ok(Ok(r)) => report.runs.push(r),
+            // A commit refused after the partitions were lost (this member's generation
+            // is over) is redone by their next owner: nothing to keep here.
+            Ok(Err(statefun_runtime::Error::Commit(e @ statefun_runtime::state::Error::Transient(_)))) => {
+                tracing::warn!(error = %e, "the final commit failed; the next owner redoes that interval");
+            }
+            Ok(Err(e)) => return Err(e.into()),
+            Err(e) => return Err(ClusterError::Membership(format!("the runtime task panicked: {e}"))),
+        }
+    }
+}
+
+fn apply(owned: &mut BTreeSet<PartitionId>, e: Event, acks: &mut Vec<std_mpsc::SyncSender<()>>) {
+    match e {
+        Event::Assigned(parts) => owned.extend(parts),
+        Event::Revoked(parts, ack) => {
+            for p in parts {
+                owned.remove(&p);
+            }
+            acks.push(ack);
+        }
+    }
+}
+
+/// The group's committed internal-topic offsets of `parts`, read with require_stable
+/// (waits for an open transaction that holds them to end).
+fn stable_offsets(
+    member: &BaseConsumer<Member>,
+    topic: &str,
+    parts: &[PartitionId],
+    timeout: Duration,
+) -> Result<HashMap<PartitionId, i64>, ClusterError> {
+    let mut tpl = TopicPartitionList::new();
+    for p in parts {
+        tpl.add_partition(topic, p.0 as i32);
+    }
+    let committed = member
+        .committed_offsets(tpl, timeout)
+        .map_err(crate::kafka("cannot read the group's offsets"))?;
+    Ok(parts
+        .iter()
+        .map(|p| {
+            let o = committed
+                .find_partition(topic, p.0 as i32)
+                .and_then(|e| e.offset().to_raw())
+                .filter(|o| *o >= 0)
+                .unwrap_or(0);
+            (*p, o)
+        })
+        .collect())
+}
+
+/// A runtime over `parts`: their state restored, the internal topic and the ingress
+/// topics' partitions they accept as one ingress.
+fn build(
+    config: &KafkaClusterConfig,
+    changelog: &Arc<KafkaChangelog>,
+    parts: &[PartitionId],
+    configure: &impl Fn(RuntimeBuilder) -> RuntimeBuilder,
+) -> Result<Runtime, ClusterError> {
+    let state_err = |source| ClusterError::State {
+        partitions: parts.to_vec(),
+        source,
+    };
+    let rocks = RocksDbBackend::open(&config.state_dir, config.rocksdb.clone()).map_err(state_err)?;
+    let (backend, restored) = ChangelogBackend::open_owned(
+        rocks,
+        Arc::clone(changelog) as Arc<dyn statefun_runtime::state::Changelog>,
+        parts.iter().copied(),
+        config.commit_interval,
+    )
+    .map_err(state_err)?;
+    tracing::info!(partitions = ?parts, changes = restored.changes, "restored from the changelog");
+    let mut routers: HashMap<String, Arc<dyn Router>> =
+        config.ingress.iter().map(|(t, r)| (t.clone(), Arc::clone(r))).collect();
+    routers.insert(config.internal_topic(), Arc::new(MessageRouter));
+    let ingress = OwnedIngress {
+        name: format!("{}-ingress", config.application_id),
+        config: config.clone(),
+    };
+    let mut runtime_config = config.runtime.clone();
+    runtime_config.partitions = config.partitions;
+    Ok(configure(Runtime::builder())
+        .config(runtime_config)
+        .state_backend(backend)
+        .ingress(ingress, TopicRouter(routers))
+        .build()?)
+}
+
+async fn create_topic(config: &KafkaClusterConfig, topic: &str) -> Result<(), ClusterError> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &config.bootstrap_servers)
+        .create()
+        .map_err(crate::kafka("cannot create admin client"))?;
+    let new = NewTopic::new(
+        topic,
+        config.partitions as i32,
+        TopicReplication::Fixed(config.replication_factor),
+    );
+    let results = admin
+        .create_topics([&new], &AdminOptions::new().operation_timeout(Some(config.timeout)))
+        .await
+        .map_err(crate::kafka("cannot create the internal topic"))?;
+    for r in results {
+        match r {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((t, code)) => {
+                return Err(ClusterError::Kafka(crate::Error {
+                    what: format!("cannot create the internal topic {t}").into(),
+                    source: rdkafka::error::KafkaError::AdminOp(code),
+                }));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Routes a record with the router of its topic.
+struct TopicRouter(HashMap<String, Arc<dyn Router>>);
+
+impl Router for TopicRouter {
+    fn route(&self, record: &IngressRecord) -> Result<Routed, RouteError> {
+        let topic = record
+            .position
+            .as_ref()
+            .map(|p| &*p.topic)
+            .ok_or_else(|| RouteError("record has no source position".into()))?;
+        self.0
+            .get(topic)
+            .ok_or_else(|| RouteError(format!("no router for topic {topic}")))?
+            .route(record)
+    }
+}
+
+/// Reads the internal topic's owned partitions and the ingress topics' partitions this
+/// instance accepts, each from the position after the last record its runtime partition
+/// accepted (stored with the state, so the group's offsets are not needed).
+struct OwnedIngress {
+    name: String,
+    config: KafkaClusterConfig,
+}
+
+impl OwnedIngress {
+    fn assignment(&self, consumer: &StreamConsumer, sink: &IngressSink) -> Result<TopicPartitionList, String> {
+        let mut tpl = TopicPartitionList::new();
+        let internal = self.config.internal_topic();
+        let topics = std::iter::once(internal.clone()).chain(self.config.ingress.iter().map(|(t, _)| t.clone()));
+        for topic in topics {
+            let md = consumer
+                .fetch_metadata(Some(&topic), self.config.timeout)
+                .map_err(|e| format!("cannot read the metadata of {topic}: {e}"))?;
+            let count = md
+                .topics()
+                .iter()
+                .find(|t| t.name() == topic && t.error().is_none())
+                .map_or(0, |t| t.partitions().len());
+            if count == 0 {
+                return Err(format!("topic {topic} does not exist"));
+            }
+            for j in 0..count as i32 {
+                if !sink.accepts_source_partition(j) {
+                    continue;
+                }
+                let committed = sink
+                    .committed_offset(&topic, j)
+                    .map_err(|e| format!("cannot read the progress through {topic}/{j}: {e}"))?;
+                let offset = match committed {
+                    Some(o) => Offset::Offset(o + 1),
+                    None if topic == internal => Offset::Beginning,
+                    None => match self.config.start {
+                        StartPosition::Earliest => Offset::Beginning,
+                        StartPosition::Latest => Offset::End,
+                    },
+                };
+                tpl.add_partition_offset(&topic, j, offset)
+                    .map_err(|e| format!("cannot assign {topic}/{j}: {e}"))?;
+            }
+        }
+        Ok(tpl)
+    }
+}
+
+#[async_trait::async_trait]
+impl Ingress for OwnedIngress {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn run(self: Box<Self>, sink: IngressSink, shutdown: CancellationToken) -> Result<(), IngressError> {
+        let failed = |reason: String| IngressError::Source {
+            ingress: self.name.clone(),
+            reason,
+        };
+        let consumer: StreamConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.config.bootstrap_servers)
+            .set("group.id", format!("{}-readers", self.config.application_id))
+            .set("enable.auto.commit", "false")
+            .set("isolation.level", "read_committed")
+            .set("auto.offset.reset", "earliest")
+            .create()
+            .map_err(|e| failed(format!("cannot create the consumer: {e}")))?;
+        let tpl = self.assignment(&consumer, &sink).map_err(failed)?;
+        consumer
+            .assign(&tpl)
+            .map_err(|e| failed(format!("cannot assign partitions: {e}")))?;
+        let mut topics: HashMap<String, Arc<str>> = HashMap::new();
+        loop {
+            let m = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                m = consumer.recv() => m,
+            };
+            let m = match m {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(ingress = %self.name, error = %e, "kafka consumer error");
+                    continue;
+                }
+            };
+            let topic = topics
+                .entry(m.topic().to_owned())
+                .or_insert_with(|| Arc::from(m.topic()))
+                .clone();
+            let record = crate::record_of(&m, &topic);
+            drop(m);
+            if sink.deliver(record).await.is_err() {
+                return Ok(());
+            }
+        }
+    }
+}
