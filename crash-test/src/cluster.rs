@@ -177,6 +177,44 @@ impl ClusterNames {
         Ok(out)
     }
 
+    /// The values carried by messages to `echo` in the internal topic, per isolation
+    /// level: what a fresh reader sees there (diagnostics for a failed run).
+    pub fn internal_echo_values(&self, isolation: &str) -> anyhow::Result<BTreeMap<u64, usize>> {
+        use rdkafka::consumer::BaseConsumer;
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap)
+            .set("group.id", ClusterNames::unique(&self.bootstrap, &self.app).app)
+            .set("enable.auto.commit", "false")
+            .set("isolation.level", isolation)
+            .create()?;
+        let topic = format!("{}-internal", self.app);
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        for p in 0..PARTITIONS as i32 {
+            tpl.add_partition_offset(&topic, p, rdkafka::Offset::Beginning)?;
+        }
+        consumer.assign(&tpl)?;
+        let mut out = BTreeMap::new();
+        let mut idle = 0;
+        while idle < 20 {
+            match consumer.poll(Duration::from_millis(100)) {
+                Some(m) => {
+                    idle = 0;
+                    let m = m?;
+                    let Ok(routed) = statefun_runtime::decode_message(m.payload().unwrap_or_default()) else {
+                        continue;
+                    };
+                    if routed.target.type_name() == &ECHO {
+                        let v = String::from_utf8_lossy(routed.message.bytes().map(|b| b.as_ref()).unwrap_or_default())
+                            .parse::<u64>()?;
+                        *out.entry(v).or_default() += 1;
+                    }
+                }
+                None => idle += 1,
+            }
+        }
+        Ok(out)
+    }
+
     /// Reads the egress topic with read_committed until at least `n` records arrived
     /// and nothing more came for 3 s (so late duplicates are seen), or `timeout`.
     /// Returns the payloads and how many records carried an egress id seen before.

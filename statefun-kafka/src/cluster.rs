@@ -32,6 +32,10 @@
 //! keeps continue from local RocksDB with an empty changelog tail. Kafka Streams moves
 //! single tasks instead; doing the same here (starting and stopping partition tasks in a
 //! running runtime) is future work. See `docs/kafka.md`, "Cluster mode".
+//!
+//! Status: instances joining and leaving keep state and egress exactly-once; across a
+//! SIGKILL of an instance, some messages between instances can still be lost (an open
+//! bug, `docs/guarantees.md`, cluster-mode limits).
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
@@ -706,11 +710,7 @@ impl Ingress for OwnedIngress {
                     continue;
                 }
             };
-            let topic = topics
-                .entry(m.topic().to_owned())
-                .or_insert_with(|| Arc::from(m.topic()))
-                .clone();
-            let record = crate::record_of(&m, &topic);
+            let record = crate::record_of(&m, &mut topics);
             drop(m);
             if sink.deliver(record).await.is_err() {
                 return Ok(());
