@@ -105,8 +105,8 @@ async fn visible(names: &ClusterNames) -> usize {
     records.len()
 }
 
-/// Ignored in `make test`: it finds an open bug (about 1 run in 7, more under load,
-/// some messages from one instance to the other are lost: docs/guarantees.md,
+/// Ignored in `make test`: it finds an open bug, some messages from one instance to the
+/// other are lost (6 of 25 runs failed, more under load; docs/guarantees.md,
 /// cluster-mode limits). Run it with `make cluster-kill`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "finds an open message-loss bug in cluster mode; run with `make cluster-kill`"]

@@ -522,6 +522,7 @@ impl Partition {
                 };
                 if stored.is_some_and(|p| *offset <= p) {
                     // Accepted before a restart: in the inbox or processed. Final.
+                    tracing::debug!(partition = %self.id, %source, offset, ?stored, "skipping a record accepted before");
                     skipped += 1;
                     continue;
                 }
