@@ -106,7 +106,7 @@ async fn visible(names: &ClusterNames) -> usize {
 }
 
 /// Ignored in `make test`: it finds an open bug, some messages from one instance to the
-/// other are lost (6 of 25 runs failed, more under load; docs/guarantees.md,
+/// other are lost (6 of 39 runs failed, more under load; docs/guarantees.md,
 /// cluster-mode limits). Run it with `make cluster-kill`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "finds an open message-loss bug in cluster mode; run with `make cluster-kill`"]
