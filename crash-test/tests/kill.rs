@@ -87,7 +87,7 @@ fn sigkilled_kafka_mode_runs_commit_state_and_egress_exactly_once() {
         .unwrap();
     // A restart after a kill takes about a second (the broker aborts the killed
     // producer's open transaction before `init_transactions` returns).
-    let got = soak(Some(kafka), 20_000, (300, 2500));
+    let got = soak(Some(kafka), 20_000, (200, 1500));
     assert_eq!(
         got.redelivered, 0,
         "an egress record id appeared twice on the read_committed topic"

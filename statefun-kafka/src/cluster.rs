@@ -211,6 +211,9 @@ pub enum ClusterError {
         #[source]
         source: statefun_runtime::state::Error,
     },
+    /// The configuration is invalid.
+    #[error("invalid cluster configuration: {0}")]
+    Config(String),
     /// The group membership ended (the consumer thread stopped).
     #[error("the group membership ended: {0}")]
     Membership(String),
@@ -336,7 +339,7 @@ impl KafkaCluster {
             Assignment::Eager => "range",
             Assignment::Fixed(parts) => {
                 if let Some(p) = parts.iter().find(|p| p.0 >= config.partitions) {
-                    return Err(ClusterError::Membership(format!(
+                    return Err(ClusterError::Config(format!(
                         "fixed assignment names partition {p}, but there are {} partitions",
                         config.partitions
                     )));
