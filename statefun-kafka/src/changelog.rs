@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rdkafka::ClientConfig;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::{ClientContext, DefaultClientContext};
+use rdkafka::admin::{NewTopic, TopicReplication};
+use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerGroupMetadata};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
@@ -207,31 +207,13 @@ impl KafkaChangelog {
     /// transaction of an earlier instance with the same transactional id.
     pub async fn connect(config: KafkaChangelogConfig) -> Result<KafkaChangelog, Error> {
         if config.create_topic {
-            let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-                .set("bootstrap.servers", &config.bootstrap_servers)
-                .create()
-                .map_err(kafka("cannot create admin client"))?;
             let topic = NewTopic::new(
                 &config.topic,
                 config.partitions as i32,
                 TopicReplication::Fixed(config.replication_factor),
             )
             .set("cleanup.policy", "compact");
-            let results = admin
-                .create_topics([&topic], &AdminOptions::new().operation_timeout(Some(config.timeout)))
-                .await
-                .map_err(kafka("cannot create the changelog topic"))?;
-            for r in results {
-                match r {
-                    Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                    Err((t, code)) => {
-                        return Err(Error {
-                            what: format!("cannot create the changelog topic {t}").into(),
-                            source: KafkaError::AdminOp(code),
-                        });
-                    }
-                }
-            }
+            crate::create_topic(&config.bootstrap_servers, &topic, config.timeout, "the changelog topic").await?;
         }
         let mut cc = ClientConfig::new();
         cc.set("bootstrap.servers", &config.bootstrap_servers)
@@ -321,13 +303,8 @@ impl KafkaChangelog {
             return Ok(None);
         };
         for (p, next) in link.next.iter_mut() {
-            let Ok(key) = statefun_runtime::state::keys::progress_key(*p, &format!("{topic}/{}", p.0)) else {
-                continue;
-            };
-            if let Some(Some(v)) = unit.changes.get(p).and_then(|c| c.get(key.as_slice()))
-                && let Ok(b) = <[u8; 8]>::try_from(v.as_ref())
-            {
-                *next = i64::try_from(u64::from_be_bytes(b)).unwrap_or(i64::MAX - 1) + 1;
+            if let Some(accepted) = unit.progress(*p, &format!("{topic}/{}", p.0)) {
+                *next = i64::try_from(accepted).unwrap_or(i64::MAX - 1) + 1;
             }
         }
         let metadata = (link.metadata)()

@@ -44,10 +44,9 @@ use std::sync::mpsc as std_mpsc;
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::{ClientContext, DefaultClientContext};
+use rdkafka::admin::{NewTopic, TopicReplication};
+use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
-use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use statefun_runtime::ingress::{
     Error as IngressError, Ingress, IngressRecord, IngressSink, RouteError, Routed, Router,
@@ -317,7 +316,12 @@ impl KafkaCluster {
         shutdown: CancellationToken,
     ) -> Result<ClusterReport, ClusterError> {
         let internal = config.internal_topic();
-        create_topic(&config, &internal).await?;
+        let topic = NewTopic::new(
+            &internal,
+            config.partitions as i32,
+            TopicReplication::Fixed(config.replication_factor),
+        );
+        crate::create_topic(&config.bootstrap_servers, &topic, config.timeout, "the internal topic").await?;
         let mut changelog_config = KafkaChangelogConfig::new(
             &config.bootstrap_servers,
             config.changelog_topic(),
@@ -581,34 +585,6 @@ fn build(
         .state_backend(backend)
         .ingress(ingress, TopicRouter(routers))
         .build()?)
-}
-
-async fn create_topic(config: &KafkaClusterConfig, topic: &str) -> Result<(), ClusterError> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", &config.bootstrap_servers)
-        .create()
-        .map_err(crate::kafka("cannot create admin client"))?;
-    let new = NewTopic::new(
-        topic,
-        config.partitions as i32,
-        TopicReplication::Fixed(config.replication_factor),
-    );
-    let results = admin
-        .create_topics([&new], &AdminOptions::new().operation_timeout(Some(config.timeout)))
-        .await
-        .map_err(crate::kafka("cannot create the internal topic"))?;
-    for r in results {
-        match r {
-            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((t, code)) => {
-                return Err(ClusterError::Kafka(crate::Error {
-                    what: format!("cannot create the internal topic {t}").into(),
-                    source: rdkafka::error::KafkaError::AdminOp(code),
-                }));
-            }
-        }
-    }
-    Ok(())
 }
 
 /// Routes a record with the router of its topic.

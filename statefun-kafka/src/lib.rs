@@ -193,6 +193,40 @@ pub struct Error {
     source: rdkafka::error::KafkaError,
 }
 
+/// Creates `topic` through the admin API unless it exists; `what` names it in errors
+/// ("the changelog topic").
+async fn create_topic(
+    bootstrap_servers: &str,
+    topic: &rdkafka::admin::NewTopic<'_>,
+    timeout: Duration,
+    what: &str,
+) -> Result<(), Error> {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap_servers)
+        .create()
+        .map_err(kafka("cannot create admin client"))?;
+    let results = admin
+        .create_topics([topic], &AdminOptions::new().operation_timeout(Some(timeout)))
+        .await
+        .map_err(|source| Error {
+            what: format!("cannot create {what}").into(),
+            source,
+        })?;
+    for r in results {
+        match r {
+            Ok(_) | Err((_, rdkafka::error::RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((t, code)) => {
+                return Err(Error {
+                    what: format!("cannot create {what} {t}").into(),
+                    source: rdkafka::error::KafkaError::AdminOp(code),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Maps a Kafka error to an [`Error`] saying what was being done.
 fn kafka(what: &'static str) -> impl FnOnce(rdkafka::error::KafkaError) -> Error {
     move |source| Error {

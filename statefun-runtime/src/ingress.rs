@@ -290,7 +290,10 @@ impl IngressSink {
             let offset = u64::try_from(p.offset).ok()?;
             Some((Arc::from(source_name(&p.topic, p.partition)), offset))
         });
-        let acceptor = record.position.as_ref().map(|p| self.acceptor(p.partition));
+        let acceptor = record
+            .position
+            .as_ref()
+            .map(|p| self.shared.source_acceptor(p.partition));
         let env = Envelope {
             target: routed.target,
             caller: routed.caller,
@@ -331,18 +334,12 @@ impl IngressSink {
         }
     }
 
-    /// Cluster mode: the runtime partition that accepts the records of source
-    /// partition `partition` (and stores the progress through it).
-    fn acceptor(&self, partition: i32) -> crate::PartitionId {
-        crate::PartitionId(partition.unsigned_abs() % self.shared.config.partitions)
-    }
-
     /// Whether the runtime runs in cluster mode
     /// ([`StateBackend::owned_partitions`](crate::state::StateBackend::owned_partitions))
     /// and, if so, whether it owns the runtime partition that accepts the records of
     /// source partition `partition`: only then may a source read that partition.
     pub fn accepts_source_partition(&self, partition: i32) -> bool {
-        !self.shared.cluster || self.shared.owns(self.acceptor(partition))
+        !self.shared.cluster || self.shared.owns(self.shared.source_acceptor(partition))
     }
 }
 
@@ -375,7 +372,7 @@ impl IngressSink {
         }
         let source = source_name(topic, partition);
         let acceptors: Vec<crate::PartitionId> = if self.shared.cluster {
-            vec![self.acceptor(partition)]
+            vec![self.shared.source_acceptor(partition)]
         } else {
             (0..self.shared.config.partitions).map(crate::PartitionId).collect()
         };

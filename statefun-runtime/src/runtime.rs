@@ -160,6 +160,12 @@ impl Shared {
         (0..self.config.partitions).map(PartitionId).filter(|p| self.owns(*p))
     }
 
+    /// Cluster mode: the runtime partition that accepts the records of source
+    /// partition `partition` (and stores the progress through it).
+    pub(crate) fn source_acceptor(&self, partition: i32) -> PartitionId {
+        PartitionId(partition.unsigned_abs() % self.config.partitions)
+    }
+
     /// The partition that accepts a message from outside: its target's partition; in
     /// cluster mode `acceptor` (an ingress record's source partition, so that progress
     /// through a source partition lives in one runtime partition), or the target's

@@ -69,6 +69,14 @@ impl CommitUnit {
         self.messages.extend(later.messages);
     }
 
+    /// The progress through `source` that this unit stores for `partition`, if it
+    /// changes it.
+    pub fn progress(&self, partition: PartitionId, source: &str) -> Option<u64> {
+        let key = keys::progress_key(partition, source).ok()?;
+        let value = self.get(partition, &key)?.as_ref()?;
+        decode_u64(value, String::new).ok()
+    }
+
     fn get(&self, partition: PartitionId, key: &[u8]) -> Option<&Option<Bytes>> {
         self.changes.get(&partition)?.get(key)
     }
