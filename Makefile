@@ -7,7 +7,7 @@
 CARGO_TARGET_DIR ?= $(HOME)/.cache/statefun-rs/target
 export CARGO_TARGET_DIR
 
-.PHONY: demo test bench bench-kafka soak cluster-kill setup fmt
+.PHONY: demo test bench bench-kafka soak broker-check setup fmt
 
 ## Run the retail reference application in-process (embedded default) and check its invariants.
 demo: setup
@@ -32,9 +32,11 @@ RECORDS ?= 50000
 soak: setup
 	scripts/reuse-rocksdb cargo run --locked -p statefun-crash-test -- soak --kills $(KILLS) --records $(RECORDS)
 
-## Cluster mode: SIGKILL one of two instances (skipped by `make test`: it finds an open bug). RUNS=N repeats.
-cluster-kill: setup
-	scripts/cluster-kill
+## Tests that need Apache Kafka's transaction semantics (skipped by `make test`: the test broker has a
+## defect, docs/kafka.md): the broker conformance check and the Kafka/cluster SIGKILL tests. RUNS=N repeats;
+## STATEFUN_KAFKA_BOOTSTRAP=host:port runs them against another broker.
+broker-check: setup
+	scripts/broker-check
 
 setup:
 	scripts/setup.sh

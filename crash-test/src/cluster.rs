@@ -177,9 +177,10 @@ impl ClusterNames {
         Ok(out)
     }
 
-    /// The values carried by messages to `echo` in the internal topic, per isolation
-    /// level: what a fresh reader sees there (diagnostics for a failed run).
-    pub fn internal_echo_values(&self, isolation: &str) -> anyhow::Result<BTreeMap<u64, usize>> {
+    /// The values carried by messages to `echo` in the internal topic, with the
+    /// partition and offset of each copy, for an isolation level: what a fresh reader
+    /// sees there (diagnostics for a failed run).
+    pub fn internal_echo_values(&self, isolation: &str) -> anyhow::Result<BTreeMap<u64, Vec<(i32, i64)>>> {
         use rdkafka::consumer::BaseConsumer;
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", &self.bootstrap)
@@ -193,7 +194,7 @@ impl ClusterNames {
             tpl.add_partition_offset(&topic, p, rdkafka::Offset::Beginning)?;
         }
         consumer.assign(&tpl)?;
-        let mut out = BTreeMap::new();
+        let mut out: BTreeMap<u64, Vec<(i32, i64)>> = BTreeMap::new();
         let mut idle = 0;
         while idle < 20 {
             match consumer.poll(Duration::from_millis(100)) {
@@ -206,7 +207,7 @@ impl ClusterNames {
                     if routed.target.type_name() == &ECHO {
                         let v = String::from_utf8_lossy(routed.message.bytes().map(|b| b.as_ref()).unwrap_or_default())
                             .parse::<u64>()?;
-                        *out.entry(v).or_default() += 1;
+                        out.entry(v).or_default().push((m.partition(), m.offset()));
                     }
                 }
                 None => idle += 1,

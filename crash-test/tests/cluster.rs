@@ -68,8 +68,28 @@ async fn instances_joining_and_leaving_keep_state_and_egress_exactly_once() {
     );
 }
 
+/// Starts an instance process. With `CLUSTER_LOG_DIR` set, its log (with every record its
+/// ingress delivers, at trace level) is appended to `<dir>/<app>-<instance>.log`.
 fn spawn_instance(names: &ClusterNames, instance: &str, partitions: &str, dir: &std::path::Path) -> Child {
+    let stderr = match std::env::var_os("CLUSTER_LOG_DIR") {
+        Some(logs) => {
+            let path = std::path::Path::new(&logs).join(format!("{}-{instance}.log", names.app));
+            Stdio::from(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .unwrap(),
+            )
+        }
+        None => Stdio::inherit(),
+    };
+    let filter = match std::env::var_os("CLUSTER_LOG_DIR") {
+        Some(_) => "warn,statefun_kafka::cluster=trace,statefun_runtime::partition=debug",
+        None => "warn",
+    };
     Command::new(env!("CARGO_BIN_EXE_statefun-crash-test"))
+        .env("RUST_LOG", filter)
         .args(["cluster-instance", "--bootstrap", &names.bootstrap, "--app", &names.app])
         .args([
             "--ingress",
@@ -84,7 +104,7 @@ fn spawn_instance(names: &ClusterNames, instance: &str, partitions: &str, dir: &
         .arg(dir)
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
+        .stderr(stderr)
         .spawn()
         .unwrap()
 }
@@ -105,11 +125,14 @@ async fn visible(names: &ClusterNames) -> usize {
     records.len()
 }
 
-/// Ignored in `make test`: it finds an open bug, some messages from one instance to the
-/// other are lost (6 of 39 runs failed, more under load; docs/guarantees.md,
-/// cluster-mode limits). Run it with `make cluster-kill`.
+/// Skipped by `make test`, run by `make broker-check`: while an instance is killed in
+/// a transaction, the other instance's read_committed consumer waits at that
+/// transaction's first record; after the restart aborts it, the consumer reads on from
+/// past the abort marker, and the test broker (noida-db 0.2.3) then hides every later
+/// committed message of the restarted instance's producer from it (docs/kafka.md,
+/// "Broker defects"). It failed 6 of 39 runs on noida-db.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "finds an open message-loss bug in cluster mode; run with `make cluster-kill`"]
+#[ignore = "the test broker hides committed records after a restart (docs/kafka.md); run with `make broker-check`"]
 async fn sigkilled_instance_of_two_loses_and_duplicates_nothing() {
     let names = ClusterNames::unique(&bootstrap(), "kill-one");
     names.create_topics().await.unwrap();
@@ -143,11 +166,12 @@ async fn sigkilled_instance_of_two_loses_and_duplicates_nothing() {
         .await
         .unwrap();
     if records.len() < 2 * VALUES as usize {
-        // The open bug (docs/guarantees.md, cluster-mode limits): an instance stops
-        // processing what the other one sends it through the internal topic. Restarting
-        // both shows whether the work is only stuck or lost (the check below).
+        // The test broker's defect (docs/kafka.md, "Broker defects"): an instance stops
+        // seeing what the other one sends it through the internal topic. Restarting both
+        // shows whether the work is only stuck or lost (the check below).
         eprintln!(
-            "STALL: {} of {} egress records; open transactions: {:?}; restarting both instances",
+            "STALL in {}: {} of {} egress records; open transactions: {:?}; restarting both instances",
+            names.app,
             records.len(),
             2 * VALUES,
             names.open_transactions()
@@ -180,16 +204,17 @@ async fn sigkilled_instance_of_two_loses_and_duplicates_nothing() {
             .collect();
         for isolation in ["read_committed", "read_uncommitted"] {
             let sent = names.internal_echo_values(isolation).unwrap();
-            let missing: Vec<(u64, usize)> = (0..VALUES)
+            let missing: Vec<(u64, Vec<(i32, i64)>)> = (0..VALUES)
                 .filter(|v| !echoed.contains(v))
-                .map(|v| (v, sent.get(&v).copied().unwrap_or(0)))
+                .map(|v| (v, sent.get(&v).cloned().unwrap_or_default()))
                 .collect();
             eprintln!(
-                "{isolation}: {} echo messages in the internal topic; of the {} values never echoed, {} are in it; first: {:?}",
-                sent.values().sum::<usize>(),
+                "{isolation}: {} echo messages in the internal topic; of the {} values never echoed, {} are in it; \
+                 (value, [(partition, offset)]): {:?}",
+                sent.values().map(Vec::len).sum::<usize>(),
                 missing.len(),
-                missing.iter().filter(|(_, n)| *n > 0).count(),
-                &missing[..missing.len().min(5)]
+                missing.iter().filter(|(_, at)| !at.is_empty()).count(),
+                &missing[..missing.len().min(40)]
             );
         }
         panic!("{e}");

@@ -8,8 +8,9 @@
 //!   partitions through a consumer group; messages to partitions on other instances
 //!   travel through an internal topic inside the same transactions as state and
 //!   egress; KIP-447 fencing with `send_offsets_to_transaction`. See the `cluster`
-//!   module docs and `docs/guarantees.md`, "Cluster mode". Not yet exactly-once
-//!   across instance crashes: the SIGKILL test finds an open message-loss bug.
+//!   module docs and `docs/guarantees.md`, "Cluster mode". Its SIGKILL test needs
+//!   Apache Kafka: the test broker hides committed records after a producer restart
+//!   (`docs/kafka.md`, "Broker defects").
 //! * [`KafkaChangelog`], under `statefun_runtime::state::ChangelogBackend`: every
 //!   commit interval, one Kafka transaction holds the latest value of every changed key
 //!   (compacted changelog topic) and the egress records; RocksDB follows after the
