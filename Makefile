@@ -11,7 +11,7 @@ export CARGO_TARGET_DIR
 
 ## Run the retail reference application in-process (embedded default) and check its invariants.
 demo: setup
-	cargo run --release --locked -p inventory --bin inventory-demo -- $(DEMO_ARGS)
+	scripts/reuse-rocksdb cargo run --release --locked -p inventory --bin inventory-demo -- $(DEMO_ARGS)
 
 ## Run the whole test suite (formatting, lints, dependency rules, unit/property/integration/doc tests).
 test: setup

@@ -19,13 +19,15 @@ if [[ -z "${STATEFUN_KAFKA_BOOTSTRAP:-}" ]]; then
 fi
 echo "broker at $STATEFUN_KAFKA_BOOTSTRAP"
 
+# Every build below links the RocksDB library this target directory compiled before, if
+# there is one (scripts/reuse-rocksdb): a change of a feature of a shared dependency
+# (e.g. libc's) would otherwise recompile RocksDB's C++ (~20 min on 2 cores). On a fresh
+# machine the first build compiles it from source.
 step "doc tests"
-cargo test --locked --workspace --doc
+scripts/reuse-rocksdb cargo test --locked --workspace --doc
 
 step "unit, property and integration tests (cargo nextest)"
-cargo nextest run --locked --workspace --no-fail-fast
+scripts/reuse-rocksdb cargo nextest run --locked --workspace --no-fail-fast
 
-# After the tests: clippy reuses the RocksDB library they compiled (scripts/reuse-rocksdb)
-# instead of compiling its own copy.
 step "lints (cargo clippy -D warnings)"
 scripts/reuse-rocksdb cargo clippy --locked --workspace --all-targets -- -D warnings
