@@ -58,12 +58,17 @@ fn inventory_cmds(e: &Effects) -> Vec<(String, InventoryCmd)> {
         .collect()
 }
 
-fn orders(e: &Effects) -> Vec<OrderSummary> {
+/// The records an invocation sent to egress `id`.
+fn egress<T: statefun_sdk::ValueType>(e: &Effects, id: &statefun_sdk::TypeName) -> Vec<T> {
     e.egress
         .iter()
-        .filter(|m| m.egress == ORDERS)
+        .filter(|m| &m.egress == id)
         .map(|m| m.message.decode().unwrap())
         .collect()
+}
+
+fn orders(e: &Effects) -> Vec<OrderSummary> {
+    egress(e, &ORDERS)
 }
 
 fn product(sku: &str, price_cents: i64) -> Product {
@@ -155,35 +160,42 @@ fn checkout_of_an_empty_basket_closes_it_without_an_order() {
     assert!(h.pending_delayed().is_empty(), "no abandon timer is left behind");
 }
 
+/// Asks `inventory` to reserve one item for basket b1; returns whether it agreed.
+fn reserve_one(inventory: &mut TestHarness) -> bool {
+    let e = inventory
+        .invoke_value_blocking(&InventoryCmd::Reserve {
+            basket: "b1".into(),
+            qty: 1,
+        })
+        .unwrap();
+    match e.outgoing[0].message.decode().unwrap() {
+        CartEvent::Reserved { ok, .. } => ok,
+        other => panic!("unexpected answer {other:?}"),
+    }
+}
+
 #[test]
 fn unknown_and_discontinued_skus_are_refused_by_the_inventory() {
     let m = module();
     let mut unknown = TestHarness::from_module(&m, &INVENTORY).unwrap().with_id("SKU-09999");
-    let e = unknown
-        .invoke_value_blocking(&InventoryCmd::Reserve {
-            basket: "b1".into(),
-            qty: 1,
-        })
-        .unwrap();
-    let answer: CartEvent = e.outgoing[0].message.decode().unwrap();
-    assert!(matches!(answer, CartEvent::Reserved { ok: false, .. }));
+    assert!(!reserve_one(&mut unknown));
 
     let mut gone = TestHarness::from_module(&m, &INVENTORY).unwrap().with_id("SKU-00001");
+    gone.invoke_value_blocking(&InventoryCmd::Upsert {
+        product: product("SKU-00001", 100),
+        delivered: 5,
+    })
+    .unwrap();
+    assert!(reserve_one(&mut gone), "a product in the range is sold");
+    gone.invoke_value_blocking(&InventoryCmd::Release { qty: 1 }).unwrap();
     let mut p = product("SKU-00001", 100);
     p.discontinued = true;
     gone.invoke_value_blocking(&InventoryCmd::Upsert {
         product: p,
-        delivered: 5,
+        delivered: 0,
     })
     .unwrap();
-    let e = gone
-        .invoke_value_blocking(&InventoryCmd::Reserve {
-            basket: "b1".into(),
-            qty: 1,
-        })
-        .unwrap();
-    let answer: CartEvent = e.outgoing[0].message.decode().unwrap();
-    assert!(matches!(answer, CartEvent::Reserved { ok: false, .. }));
+    assert!(!reserve_one(&mut gone), "a discontinued product is not");
     assert_eq!(gone.state(&STOCK).unwrap().unwrap().reserved, 0);
 }
 
@@ -321,11 +333,7 @@ fn intake(store: Arc<dyn ObjectStore>) -> TestHarness {
 }
 
 fn rejected(e: &Effects) -> Vec<Rejected> {
-    e.egress
-        .iter()
-        .filter(|m| m.egress == REJECTED)
-        .map(|m| m.message.decode().unwrap())
-        .collect()
+    egress(e, &REJECTED)
 }
 
 #[tokio::test]
