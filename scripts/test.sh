@@ -11,6 +11,9 @@ cargo fmt --all -- --check
 step "dependency rule: statefun-sdk opens no sockets and no files"
 scripts/check-sdk-deps.sh
 
+step "the example cluster's docker compose file (scripts/validate-compose: Docker Compose's own check, no engine needed)"
+scripts/validate-compose
+
 step "Kafka-protocol test broker (scripts/broker; set STATEFUN_KAFKA_BOOTSTRAP to use your own)"
 if [[ -z "${STATEFUN_KAFKA_BOOTSTRAP:-}" ]]; then
   STATEFUN_KAFKA_BOOTSTRAP="$(scripts/broker start)"

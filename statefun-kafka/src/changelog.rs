@@ -158,7 +158,7 @@ impl std::fmt::Debug for KafkaChangelog {
 
 /// Maps a Kafka error of a transactional call: fatal errors (a fenced producer, an
 /// unrecoverable state) are permanent, the rest transient.
-fn state_error(what: &str, e: &KafkaError) -> StateError {
+pub(crate) fn state_error(what: &str, e: &KafkaError) -> StateError {
     let fatal = match e {
         KafkaError::Transaction(t) => t.is_fatal(),
         _ => false,
@@ -454,25 +454,14 @@ impl Changelog for KafkaChangelog {
         apply: &mut dyn FnMut(Vec<RawOp>, i64) -> Result<(), StateError>,
     ) -> Result<(), StateError> {
         const CHUNK: usize = 4096;
-        let client = |isolation: &str| -> Result<BaseConsumer, StateError> {
-            ClientConfig::new()
-                .set("bootstrap.servers", &self.config.bootstrap_servers)
-                .set("group.id", format!("{}-restore", self.config.transactional_id))
-                .set("enable.auto.commit", "false")
-                .set("isolation.level", isolation)
-                // A start below the log start (records deleted) must fail, not skip.
-                .set("auto.offset.reset", "error")
-                .create()
-                .map_err(|e| state_error("cannot create the restore consumer", &e))
+        let reader = PartitionReader {
+            bootstrap_servers: &self.config.bootstrap_servers,
+            group: format!("{}-restore", self.config.transactional_id),
+            topic: &self.config.topic,
+            timeout: self.config.timeout,
         };
         let p = partition.0 as i32;
-        // The end to reach is the high watermark. A read_committed client's watermark
-        // query returns the last stable offset instead, which stops short of a
-        // transaction whose commit markers are not written yet: restoring only to there
-        // would silently miss a committed transaction.
-        let (_, high) = client("read_uncommitted")?
-            .fetch_watermarks(&self.config.topic, p, self.config.timeout)
-            .map_err(|e| state_error("cannot read the changelog's end", &e))?;
+        let high = reader.end(p)?;
         let start = after.map_or(0, |a| a + 1);
         if start > high {
             return Err(StateError::Permanent(format!(
@@ -483,64 +472,118 @@ impl Changelog for KafkaChangelog {
                 self.config.topic
             )));
         }
-        if start == high {
-            return Ok(());
-        }
-        let consumer = client("read_committed")?;
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(
-            &self.config.topic,
-            p,
-            after.map_or(Offset::Beginning, |a| Offset::Offset(a + 1)),
-        )
-        .map_err(|e| state_error("cannot assign the changelog partition", &e))?;
-        consumer
-            .assign(&tpl)
-            .map_err(|e| state_error("cannot assign the changelog partition", &e))?;
         let mut chunk = Vec::new();
         let mut last = None;
-        let mut stalled_since = Instant::now();
-        loop {
-            let position = consumer
-                .position()
-                .ok()
-                .and_then(|l| {
-                    l.find_partition(&self.config.topic, p)
-                        .and_then(|e| e.offset().to_raw())
-                })
-                .unwrap_or(start);
-            if position >= high {
-                break;
+        reader.read(p, after, high, &mut |key, value, offset| {
+            chunk.push(RawOp {
+                key: Bytes::copy_from_slice(key),
+                value: value.map(Bytes::copy_from_slice),
+            });
+            last = Some(offset);
+            if chunk.len() >= CHUNK {
+                apply(std::mem::take(&mut chunk), offset)?;
             }
-            match consumer.poll(Duration::from_millis(100)) {
-                Some(Ok(m)) => {
-                    stalled_since = Instant::now();
-                    let Some(key) = m.key() else { continue };
-                    chunk.push(RawOp {
-                        key: Bytes::copy_from_slice(key),
-                        value: m.payload().map(Bytes::copy_from_slice),
-                    });
-                    last = Some(m.offset());
-                    if chunk.len() >= CHUNK {
-                        apply(std::mem::take(&mut chunk), m.offset())?;
-                    }
-                }
-                Some(Err(e)) => return Err(state_error("cannot read the changelog", &e)),
-                None if stalled_since.elapsed() > self.config.timeout => {
-                    return Err(StateError::Transient(format!(
-                        "kafka changelog: restore of {}/{p} stalled at offset {position} of {high} for {:?} \
-                         (an open transaction of another producer holds it back?)",
-                        self.config.topic, self.config.timeout
-                    )));
-                }
-                None => {}
-            }
-        }
+            Ok(())
+        })?;
         if let Some(last) = last
             && !chunk.is_empty()
         {
             apply(chunk, last)?;
         }
         Ok(())
+    }
+}
+
+/// Called with (key, value, offset) of each record a [`PartitionReader`] reads.
+pub(crate) type OnRecord<'a> = dyn FnMut(&[u8], Option<&[u8]>, i64) -> Result<(), StateError> + 'a;
+
+/// Reads one partition of a changelog topic, committed records only.
+pub(crate) struct PartitionReader<'a> {
+    pub(crate) bootstrap_servers: &'a str,
+    pub(crate) group: String,
+    pub(crate) topic: &'a str,
+    pub(crate) timeout: Duration,
+}
+
+impl PartitionReader<'_> {
+    fn client(&self, isolation: &str) -> Result<BaseConsumer, StateError> {
+        ClientConfig::new()
+            .set("bootstrap.servers", self.bootstrap_servers)
+            .set("group.id", &self.group)
+            .set("enable.auto.commit", "false")
+            .set("isolation.level", isolation)
+            // A start below the log start (records deleted) must fail, not skip.
+            .set("auto.offset.reset", "error")
+            .create()
+            .map_err(|e| state_error("cannot create the changelog reader", &e))
+    }
+
+    /// The end to read to: the high watermark. A read_committed client's watermark query
+    /// returns the last stable offset instead, which stops short of a transaction whose
+    /// commit markers are not written yet: reading only to there would silently miss a
+    /// committed transaction.
+    pub(crate) fn end(&self, partition: i32) -> Result<i64, StateError> {
+        let (_, high) = self
+            .client("read_uncommitted")?
+            .fetch_watermarks(self.topic, partition, self.timeout)
+            .map_err(|e| state_error("cannot read the changelog's end", &e))?;
+        Ok(high)
+    }
+
+    /// Calls `on` with (key, value, offset) of every committed keyed record of
+    /// `partition` after offset `after` (from the start if `None`) up to `high`.
+    pub(crate) fn read(
+        &self,
+        partition: i32,
+        after: Option<i64>,
+        high: i64,
+        on: &mut OnRecord<'_>,
+    ) -> Result<(), StateError> {
+        let start = after.map_or(0, |a| a + 1);
+        if start >= high {
+            return Ok(());
+        }
+        let consumer = self.client("read_committed")?;
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(
+            self.topic,
+            partition,
+            after.map_or(Offset::Beginning, |a| Offset::Offset(a + 1)),
+        )
+        .map_err(|e| state_error("cannot assign the changelog partition", &e))?;
+        consumer
+            .assign(&tpl)
+            .map_err(|e| state_error("cannot assign the changelog partition", &e))?;
+        let mut stalled_since = Instant::now();
+        loop {
+            let position = consumer
+                .position()
+                .ok()
+                .and_then(|l| {
+                    l.find_partition(self.topic, partition)
+                        .and_then(|e| e.offset().to_raw())
+                })
+                .unwrap_or(start);
+            if position >= high {
+                return Ok(());
+            }
+            match consumer.poll(Duration::from_millis(100)) {
+                Some(Ok(m)) => {
+                    stalled_since = Instant::now();
+                    if let Some(key) = m.key() {
+                        on(key, m.payload(), m.offset())?;
+                    }
+                }
+                Some(Err(e)) => return Err(state_error("cannot read the changelog", &e)),
+                None if stalled_since.elapsed() > self.timeout => {
+                    return Err(StateError::Transient(format!(
+                        "kafka changelog: reading {}/{partition} stalled at offset {position} of {high} for {:?} \
+                         (an open transaction of another producer holds it back?)",
+                        self.topic, self.timeout
+                    )));
+                }
+                None => {}
+            }
+        }
     }
 }

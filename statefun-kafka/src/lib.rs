@@ -28,6 +28,8 @@
 //!   [`KafkaChangelog`] instead.
 //! * [`KafkaDeadLetters`] produces every dead letter to a topic, with headers naming
 //!   the reason and, for ingress records, the source topic, partition and offset.
+//! * [`ChangelogSnapshot`] reads an application's committed state from its changelog
+//!   topic (`read_committed`), whichever instances own it: for inspection and checks.
 //! * [`RecordRouter`] hands the whole record to the function as a [`KafkaRecord`]
 //!   message (key, value, headers, timestamp, topic, partition, offset), with the key
 //!   as the function id. `statefun_runtime::KeyRouter` passes only the value.
@@ -37,6 +39,8 @@ use std::time::Duration;
 
 mod changelog;
 pub use changelog::{KafkaChangelog, KafkaChangelogConfig};
+mod snapshot;
+pub use snapshot::ChangelogSnapshot;
 mod cluster;
 pub use cluster::{Assignment, ClusterError, ClusterReport, KafkaCluster, KafkaClusterConfig};
 

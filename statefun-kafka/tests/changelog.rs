@@ -6,23 +6,27 @@
 //! in the changelog: an instance that lost its whole RocksDB directory restores it from
 //! the changelog topic and continues the counts where they were; a second producer with the same
 //! transactional id fences the first, whose next commit fails permanently; a changelog
-//! topic with another partition count and a missing egress topic are refused by name.
+//! topic with another partition count and a missing egress topic are refused by name;
+//! `ChangelogSnapshot` reads the committed state and the progress back from the topic.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
+use rdkafka::consumer::Consumer;
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use statefun_kafka::{EGRESS_ID_HEADER, KafkaChangelog, KafkaChangelogConfig, KafkaIngress, KafkaIngressConfig};
+use statefun_kafka::{
+    ChangelogSnapshot, EGRESS_ID_HEADER, KafkaChangelog, KafkaChangelogConfig, KafkaIngress, KafkaIngressConfig,
+};
 use statefun_runtime::state::{ChangelogBackend, RocksDbBackend, StateBackend};
 use statefun_runtime::{KeyRouter, Runtime, RuntimeConfig};
 use statefun_sdk::prelude::*;
 use tokio_util::sync::CancellationToken;
 
 mod common;
-use common::{bootstrap, consume, counter_module, create_topics, header, unique};
+use common::{SEEN, bootstrap, consume, counter_module, create_topics, header, unique};
 
 const COUNTER: TypeName = TypeName::from_static("changelog-test/counter");
 const OUT: TypeName = TypeName::from_static("changelog-test/out");
@@ -170,6 +174,44 @@ async fn egress_is_exactly_once_and_state_restores_from_the_changelog_after_losi
             "counts of {key} continue after the restore"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changelog_snapshot_reads_the_committed_state_and_the_progress_through_every_source_partition() {
+    let t = Topics::new().await;
+    t.produce(0, 100).await;
+    let disk = tempfile::tempdir().unwrap();
+    let (backend, _) = t.backend(disk.path()).await;
+    t.run_until(backend, 100).await;
+
+    let (bootstrap, changelog) = (bootstrap(), t.changelog.clone());
+    let snapshot =
+        tokio::task::spawn_blocking(move || ChangelogSnapshot::read(&bootstrap, &changelog, Duration::from_secs(30)))
+            .await
+            .unwrap()
+            .unwrap();
+    for k in 0..10 {
+        let address = Address::new(COUNTER, format!("k{k}")).unwrap();
+        assert_eq!(snapshot.state(&address, &SEEN).unwrap(), Some(10), "count of k{k}");
+    }
+    let never = Address::new(COUNTER, "k10").unwrap();
+    assert_eq!(snapshot.state(&never, &SEEN).unwrap(), None);
+    assert_eq!(snapshot.addresses(&COUNTER).count(), 10);
+    // Every input record was accepted: the progress reaches each partition's last offset.
+    let consumer: rdkafka::consumer::BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", common::bootstrap())
+        .create()
+        .unwrap();
+    let mut accepted = 0;
+    for p in 0..3 {
+        let (_, high) = consumer.fetch_watermarks(&t.input, p, Duration::from_secs(10)).unwrap();
+        let progress = snapshot.progress(&t.input, p).map_or(0, |o| o as i64 + 1);
+        assert_eq!(progress, high, "progress through {}/{p}", t.input);
+        accepted += progress;
+    }
+    assert_eq!(accepted, 100);
+    assert_eq!((snapshot.pending_messages(), snapshot.pending_timers()), (0, 0));
+    assert_eq!(snapshot.ends().len(), PARTITIONS as usize);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -185,6 +185,13 @@ pub trait DeadLetterSink: Send + Sync + 'static {
     fn send(&self, dead_letter: DeadLetter);
 }
 
+/// A shared sink: one sink (one producer) for every runtime an instance builds.
+impl<T: DeadLetterSink + ?Sized> DeadLetterSink for Arc<T> {
+    fn send(&self, dead_letter: DeadLetter) {
+        (**self).send(dead_letter)
+    }
+}
+
 /// Logs dead letters at WARN level (the default sink).
 #[derive(Debug, Clone, Default)]
 pub struct LoggingDeadLetters;

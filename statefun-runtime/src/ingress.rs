@@ -344,7 +344,7 @@ impl IngressSink {
 }
 
 /// The name under which a partition stores its progress through one source partition.
-fn source_name(topic: &str, partition: i32) -> String {
+pub fn source_name(topic: &str, partition: i32) -> String {
     format!("{topic}/{partition}")
 }
 

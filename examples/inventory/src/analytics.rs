@@ -2,7 +2,7 @@
 //! (`retail/orders`, `retail/sku-windows`) and the global view it keeps: stock by
 //! region, top SKUs, revenue.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 
 use crate::types::{OrderSummary, SkuWindow};
@@ -16,6 +16,10 @@ pub struct GlobalView {
     sold: BTreeMap<String, i64>,
     /// Orders and revenue (paid, in cents) per region.
     revenue: BTreeMap<String, (u64, i64)>,
+    /// Windows and orders taken, by key: a record delivered twice (at-least-once egress)
+    /// counts once.
+    seen_windows: BTreeSet<(String, String, u64)>,
+    seen_orders: BTreeSet<(String, String)>,
 }
 
 impl GlobalView {
@@ -26,6 +30,9 @@ impl GlobalView {
 
     /// Takes one per-SKU window of a region.
     pub fn add_window(&mut self, w: &SkuWindow) {
+        if !self.seen_windows.insert((w.region.clone(), w.sku.clone(), w.seq)) {
+            return;
+        }
         let slot = self
             .latest
             .entry((w.region.clone(), w.sku.clone()))
@@ -38,6 +45,9 @@ impl GlobalView {
 
     /// Takes one completed order of a region.
     pub fn add_order(&mut self, o: &OrderSummary) {
+        if !self.seen_orders.insert((o.region.clone(), o.basket.clone())) {
+            return;
+        }
         let r = self.revenue.entry(o.region.clone()).or_default();
         r.0 += 1;
         r.1 += o.bill.total_cents;
@@ -109,7 +119,7 @@ mod tests {
     }
 
     #[test]
-    fn the_view_keeps_the_newest_stock_per_region_and_sums_sales_and_revenue() {
+    fn the_view_keeps_the_newest_stock_per_region_and_sums_sales_and_revenue_once_per_record() {
         let mut v = GlobalView::new();
         v.add_window(&window("north", "SKU-00001", 1, 3, 7));
         v.add_window(&window("north", "SKU-00001", 0, 2, 10)); // arrives late
@@ -121,15 +131,17 @@ mod tests {
             discount_cents: 0,
             total_cents: 500,
         };
-        for region in ["north", "north", "south"] {
+        for (region, basket) in [("north", "b1"), ("north", "b2"), ("south", "b1"), ("north", "b1")] {
             v.add_order(&OrderSummary {
                 region: region.into(),
                 store: "s".into(),
-                basket: "b".into(),
+                basket: basket.into(),
                 customer: String::new(),
                 bill,
             });
         }
+        // Delivered twice (at-least-once egress): counted once.
+        v.add_window(&window("south", "SKU-00002", 0, 9, 1));
         assert_eq!(
             v.stock_by_region(),
             [("north".to_string(), 7), ("south".to_string(), 5)].into()

@@ -46,7 +46,9 @@ pub fn check(s: &Snapshot) -> Vec<String> {
     let mut completed: BTreeMap<&str, &Basket> = BTreeMap::new();
     for id in &s.ledger.baskets {
         let Some(b) = s.baskets.get(id) else {
-            continue; // a basket whose events were all held back or duplicates: no state
+            // Every basket's events were all sent (the generator drains what it held back).
+            v.push(format!("basket {id} has no state: none of its counter events arrived"));
+            continue;
         };
         let target = match b.status {
             BasketStatus::Completed => {
@@ -54,7 +56,7 @@ pub fn check(s: &Snapshot) -> Vec<String> {
                 &mut sold
             }
             BasketStatus::Open | BasketStatus::CheckingOut => &mut held,
-            BasketStatus::Released => continue,
+            BasketStatus::Released | BasketStatus::Abandoned => continue,
         };
         for (sku, q) in &b.items {
             *target.entry(sku).or_default() += q;
@@ -87,6 +89,13 @@ pub fn check(s: &Snapshot) -> Vec<String> {
         on_egress.entry(&o.basket).or_default().push(o);
     }
     for (id, b) in &completed {
+        let expected = crate::functions::bill(&b.items, &b.prices, b.code.as_deref());
+        if b.bill != Some(expected) {
+            v.push(format!(
+                "basket {id}: bill {:?}, its items and prices make {expected:?}",
+                b.bill
+            ));
+        }
         match on_egress.get(id).map(Vec::as_slice) {
             Some([o]) if Some(o.bill) == b.bill => {}
             Some([o]) => v.push(format!(
@@ -147,12 +156,17 @@ pub fn check(s: &Snapshot) -> Vec<String> {
         }
     }
 
-    if s.rejected.len() as u64 != s.ledger.bad_records {
+    let intake = s.rejected.iter().filter(|r| r.function == "product-intake").count() as u64;
+    if intake != s.ledger.bad_records {
         v.push(format!(
-            "{} records rejected, {} bad records sent",
-            s.rejected.len(),
+            "{intake} records rejected by product-intake, {} bad records sent",
             s.ledger.bad_records
         ));
+    }
+    // The generator sends no other bad input: any other refusal is a lost operation
+    // (e.g. a checkout that arrived after its basket was abandoned).
+    for r in s.rejected.iter().filter(|r| r.function != "product-intake") {
+        v.push(format!("{} refused {}: {}", r.function, r.key, r.reason));
     }
     if s.dead_letters > 0 {
         v.push(format!("{} messages dead-lettered by the runtime", s.dead_letters));
@@ -168,6 +182,7 @@ mod tests {
         let basket = Basket {
             customer: "c1".into(),
             items: [("SKU-00001".to_string(), 2)].into(),
+            prices: [("SKU-00001".to_string(), (100, None))].into(),
             status: BasketStatus::Completed,
             bill: Some(Bill {
                 items: 2,
@@ -245,6 +260,27 @@ mod tests {
             (|s| s.windows[0].sold = 1, "analytics SKU-00001"),
             (|s| s.rejected.clear(), "records rejected"),
             (|s| s.dead_letters = 1, "dead-lettered"),
+            (|s| s.baskets.clear(), "basket b1 has no state"),
+            (
+                |s| {
+                    s.baskets
+                        .get_mut("b1")
+                        .unwrap()
+                        .prices
+                        .insert("SKU-00001".into(), (90, None));
+                },
+                "its items and prices make",
+            ),
+            (
+                |s| {
+                    s.rejected.push(Rejected {
+                        function: "cart".into(),
+                        key: "b2".into(),
+                        reason: "checkout of a released basket".into(),
+                    })
+                },
+                "cart refused b2",
+            ),
         ];
         for (breakit, says) in broken {
             let mut s = consistent();

@@ -35,7 +35,13 @@ pub const CODES: &[(&str, i64)] = &[("SAVE10", 10), ("STAFF20", 20)];
 
 /// The inventory function: the region's source of truth for a SKU.
 pub fn inventory(ctx: &mut Context, msg: Message, config: &AppConfig) -> FunctionResult {
-    let cmd: InventoryCmd = msg.decode()?;
+    let cmd: InventoryCmd = match msg.decode() {
+        Ok(c) => c,
+        Err(e) => {
+            let sku = ctx.self_address().id().to_owned();
+            return reject(ctx, "inventory", &sku, format!("malformed command: {e}"));
+        }
+    };
     let mut stock = ctx.storage().get(&STOCK)?.unwrap_or_default();
     let mut window = ctx.storage().get(&WINDOW)?.unwrap_or_default();
     let available_before = stock.on_hand - stock.reserved;
@@ -118,7 +124,10 @@ pub fn cart(ctx: &mut Context, msg: Message, config: &AppConfig) -> FunctionResu
     let mut b = ctx.storage().get(&BASKET)?.unwrap_or_default();
     let id = ctx.self_address().id().to_owned();
     if msg.is::<PosEvent>() {
-        let event: PosEvent = msg.decode()?;
+        let event: PosEvent = match msg.decode() {
+            Ok(e) => e,
+            Err(e) => return reject(ctx, "cart", &id, format!("malformed counter event: {e}")),
+        };
         if b.next_seq == 0 {
             b.next_seq = 1;
             b.store = event.store.clone();
@@ -148,7 +157,11 @@ pub fn cart(ctx: &mut Context, msg: Message, config: &AppConfig) -> FunctionResu
             ctx.send_after_with_token(config.abandon_after, me, &CartEvent::Abandoned, ABANDON_TOKEN)?;
         }
     } else {
-        match msg.decode::<CartEvent>()? {
+        let event = match msg.decode::<CartEvent>() {
+            Ok(e) => e,
+            Err(e) => return reject(ctx, "cart", &id, format!("unexpected message {}: {e}", msg.type_name())),
+        };
+        match event {
             CartEvent::Reserved {
                 sku,
                 qty,
@@ -156,6 +169,14 @@ pub fn cart(ctx: &mut Context, msg: Message, config: &AppConfig) -> FunctionResu
                 price_cents,
                 multibuy,
             } => {
+                if b.pending.get(&sku).copied().unwrap_or(0) < qty {
+                    // A reply this basket is not waiting for (a duplicate): hand back
+                    // what it reserved, keep nothing.
+                    if ok && let Ok(inventory) = Address::new(INVENTORY, &sku) {
+                        ctx.send(inventory, &InventoryCmd::Release { qty })?;
+                    }
+                    return Ok(());
+                }
                 let pending = b.pending.entry(sku.clone()).or_default();
                 *pending -= qty;
                 if *pending <= 0 {
@@ -168,6 +189,11 @@ pub fn cart(ctx: &mut Context, msg: Message, config: &AppConfig) -> FunctionResu
                         // The item taken back was one the inventory refused anyway.
                         decrement(&mut b.removals, &sku, qty.min(removal));
                     }
+                } else if b.status == BasketStatus::Abandoned && removal == 0 {
+                    // Asked for before the basket was abandoned: hand it back, and ask
+                    // again if the counter comes back.
+                    ctx.send(Address::new(INVENTORY, &sku)?, &InventoryCmd::Release { qty })?;
+                    *b.abandoned.entry(sku).or_default() += qty;
                 } else if !matches!(b.status, BasketStatus::Open | BasketStatus::CheckingOut) || removal > 0 {
                     // The basket closed, or the item was taken back, while the
                     // reservation travelled: hand it back.
@@ -183,7 +209,7 @@ pub fn cart(ctx: &mut Context, msg: Message, config: &AppConfig) -> FunctionResu
                     complete(ctx, &id, &mut b, config)?;
                 }
             }
-            CartEvent::Abandoned if b.status == BasketStatus::Open => release_all(ctx, &mut b)?,
+            CartEvent::Abandoned if b.status == BasketStatus::Open => abandon(ctx, &mut b)?,
             // A late timer (the basket closed meanwhile) is a no-op.
             CartEvent::Abandoned => {}
         }
@@ -194,6 +220,24 @@ pub fn cart(ctx: &mut Context, msg: Message, config: &AppConfig) -> FunctionResu
 
 /// Applies one in-order counter event.
 fn apply(ctx: &mut Context, id: &str, b: &mut Basket, action: PosAction, config: &AppConfig) -> FunctionResult {
+    if b.status == BasketStatus::Abandoned {
+        // The counter went quiet for `abandon_after` (processing time: a slow partition
+        // looks the same) and came back: reserve what the basket held again.
+        b.status = BasketStatus::Open;
+        for (sku, qty) in std::mem::take(&mut b.abandoned) {
+            *b.pending.entry(sku.clone()).or_default() += qty;
+            let reserve = InventoryCmd::Reserve {
+                basket: id.to_owned(),
+                qty,
+            };
+            ctx.send(Address::new(INVENTORY, &sku)?, &reserve)?;
+        }
+    }
+    if b.status == BasketStatus::Released && action == PosAction::Checkout {
+        // The basket was cancelled (or checked out empty) before: the sale is refused
+        // visibly, never dropped.
+        return reject(ctx, "cart", id, "checkout of a released basket".to_owned());
+    }
     if b.status != BasketStatus::Open {
         return Ok(()); // a late event after checkout or cancel changes nothing
     }
@@ -202,12 +246,15 @@ fn apply(ctx: &mut Context, id: &str, b: &mut Basket, action: PosAction, config:
             if !customer.is_empty() {
                 b.customer = customer;
             }
+            let Ok(inventory) = Address::new(INVENTORY, &sku) else {
+                return reject(ctx, "cart", id, "scan without a SKU".to_owned());
+            };
             *b.pending.entry(sku.clone()).or_default() += 1;
             let reserve = InventoryCmd::Reserve {
                 basket: id.to_owned(),
                 qty: 1,
             };
-            ctx.send(Address::new(INVENTORY, &sku)?, &reserve)?;
+            ctx.send(inventory, &reserve)?;
         }
         PosAction::Remove { sku } => {
             if b.items.get(&sku).copied().unwrap_or(0) > 0 {
@@ -243,6 +290,17 @@ fn decrement(map: &mut std::collections::BTreeMap<String, i64>, key: &str, by: i
             map.remove(key);
         }
     }
+}
+
+/// The abandon timer fired: every reserved item goes back to the inventory, and the
+/// basket remembers them in case the counter comes back (reservations still travelling
+/// are handed back and remembered when they arrive).
+fn abandon(ctx: &mut Context, b: &mut Basket) -> FunctionResult {
+    let held = b.items.clone();
+    release_all(ctx, b)?;
+    b.status = BasketStatus::Abandoned;
+    b.abandoned = held;
+    Ok(())
 }
 
 fn release_all(ctx: &mut Context, b: &mut Basket) -> FunctionResult {

@@ -359,11 +359,14 @@ impl Generator {
                 let s = force_sku
                     .clone()
                     .unwrap_or_else(|| sku(self.rng.random_range(0..self.cfg.skus)));
+                // The loyalty card is shown with the first item scanned.
+                let customer = if b.scanned.is_empty() {
+                    b.customer.clone()
+                } else {
+                    String::new()
+                };
                 b.scanned.push(s.clone());
-                Some(PosAction::Scan {
-                    sku: s,
-                    customer: if b.seq == 0 { b.customer.clone() } else { String::new() },
-                })
+                Some(PosAction::Scan { sku: s, customer })
             }
         } else {
             match b.end {

@@ -20,6 +20,11 @@ use crate::{INTAKE, INVENTORY};
 pub const RENDITION_WIDTHS: [u32; 3] = [64, 256, 512];
 /// Largest image accepted, in bytes.
 pub const MAX_IMAGE_BYTES: usize = 8 << 20;
+/// The highest price accepted (1,000,000.00): bills and window revenue stay far from
+/// overflowing.
+pub const MAX_PRICE_CENTS: i64 = 100_000_000;
+/// The most items one warehouse update may deliver.
+pub const MAX_DELIVERY: i64 = 1_000_000;
 /// Largest image accepted, in pixels per side (guards the decoder's memory).
 pub const MAX_IMAGE_SIDE: u32 = 8192;
 
@@ -65,8 +70,14 @@ pub fn validate(u: &WarehouseUpdate) -> Result<(), String> {
     if u.price_cents < 0 {
         return Err(format!("negative price {}", u.price_cents));
     }
+    if u.price_cents > MAX_PRICE_CENTS {
+        return Err(format!("price {} above the limit {MAX_PRICE_CENTS}", u.price_cents));
+    }
     if u.stock < 0 {
         return Err(format!("negative stock count {}", u.stock));
+    }
+    if u.stock > MAX_DELIVERY {
+        return Err(format!("stock count {} above the limit {MAX_DELIVERY}", u.stock));
     }
     if let Some(MultiBuy { buy, pay }) = u.multibuy
         && (buy < 2 || pay < 1 || pay >= buy)
@@ -164,10 +175,19 @@ impl StatefulFunction for ProductIntake {
         if let Err(reason) = validate(&update) {
             return reject(ctx, "product-intake", &key, reason);
         }
+        if update.sku != key {
+            // Updates of one SKU must all go through the same intake address (in order).
+            let reason = format!("record key {key} is not the product's SKU {}", update.sku);
+            return reject(ctx, "product-intake", &key, reason);
+        }
         let image = match &update.image {
             None => None,
             Some(path) => {
                 let bytes = match self.store.get(&Path::from(path.as_str())).await {
+                    Ok(r) if r.meta.size > MAX_IMAGE_BYTES as u64 => {
+                        let reason = format!("image {path} is {} bytes (at most {MAX_IMAGE_BYTES})", r.meta.size);
+                        return reject(ctx, "product-intake", &key, reason);
+                    }
                     Ok(r) => r.bytes().await?,
                     Err(object_store::Error::NotFound { .. }) => {
                         return reject(ctx, "product-intake", &key, format!("image {path} not found"));

@@ -21,7 +21,10 @@
 //! `retail/sku-windows` ([`SkuWindow`]), only what must cross the region's boundary.
 //! Regional: `retail/alerts` ([`LowStock`]) and `retail/rejected` ([`Rejected`]).
 //! [`generator`] simulates regions, [`check`] verifies the business invariants and
-//! [`analytics`] is the central consumer's global view.
+//! [`analytics`] is the central consumer's global view. [`region`] runs a region
+//! in-process or on Kafka; [`kafka`] has the Kafka deployment (topics, instances in
+//! cluster mode, the generator's producer, the analytics consumer, the state read back
+//! from the changelog).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,6 +36,7 @@ pub mod check;
 pub mod functions;
 pub mod generator;
 pub mod intake;
+pub mod kafka;
 pub mod region;
 pub mod types;
 

@@ -11,6 +11,12 @@
 //! analytics window has timed out, prints the central analytics view, and checks the
 //! invariants of every region (`inventory::check`): PASS, or FAIL with what broke
 //! (and a non-zero exit).
+//!
+//! With `--brokers HOST:PORT` the same run goes through Kafka: each region is an
+//! application of `--instances` runtime instances in cluster mode sharing its
+//! partitions, the generator produces to the region's ingress topics, egress is
+//! committed to topics exactly once, and the check reads the final state from the
+//! changelog topic and the egress from the topics (`inventory::kafka`).
 
 use std::time::{Duration, Instant};
 
@@ -21,7 +27,8 @@ use inventory::AppConfig;
 use inventory::analytics::GlobalView;
 use inventory::check::check;
 use inventory::generator::LoadConfig;
-use inventory::region::{Region, StateKind};
+use inventory::kafka::Topics;
+use inventory::region::{KafkaSettings, Region, StateKind};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser, Debug)]
@@ -60,6 +67,19 @@ struct Args {
     /// Random seed of the workload.
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// Run on Kafka at this bootstrap address instead of in-process.
+    #[arg(long)]
+    brokers: Option<String>,
+    /// Kafka mode: runtime instances per region (they share the region's partitions).
+    #[arg(long, default_value_t = 2)]
+    instances: usize,
+    /// Kafka mode: prefix of the topic names (default: `retail-<unix time>`, fresh per
+    /// run, so runs on one broker never see each other's records).
+    #[arg(long)]
+    topic_prefix: Option<String>,
+    /// Kafka mode: commit interval in milliseconds.
+    #[arg(long, default_value_t = 100)]
+    commit_interval_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -79,6 +99,28 @@ async fn main() -> anyhow::Result<()> {
     if args.regions == 0 {
         bail!("--regions must be at least 1");
     }
+    let kafka = match &args.brokers {
+        None => None,
+        Some(_) if args.state == State::Memory => {
+            bail!("on Kafka (--brokers) the state is in RocksDB: drop --state memory")
+        }
+        Some(_) if args.instances == 0 => bail!("--instances must be at least 1"),
+        Some(brokers) => {
+            let prefix = args.topic_prefix.clone().unwrap_or_else(|| {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default();
+                format!("retail-{}", now.as_secs())
+            });
+            Some(KafkaSettings {
+                brokers: brokers.clone(),
+                topics: Topics::new(prefix),
+                instances: args.instances,
+                commit_interval: Duration::from_millis(args.commit_interval_ms),
+                settle_timeout: Duration::from_secs(120),
+            })
+        }
+    };
     let stop = CancellationToken::new();
     let names: Vec<String> = ["north", "south", "east", "west"]
         .iter()
@@ -91,6 +133,15 @@ async fn main() -> anyhow::Result<()> {
         "statefun-rs retail demo: {} region(s), {} SKUs and {} customers each, {} partitions, {:?} state, {} s of traffic at {} records/s",
         args.regions, args.skus, args.customers, args.partitions, args.state, args.seconds, args.rate
     );
+    if let Some(k) = &kafka {
+        println!(
+            "on Kafka at {}: {} instance(s) per region, topics {}, commit interval {:?}",
+            k.brokers,
+            k.instances,
+            k.topics.region("<region>", "*"),
+            k.commit_interval
+        );
+    }
     let setup = Instant::now();
     let dir = tempfile::tempdir()?;
     let mut regions = Vec::new();
@@ -105,7 +156,11 @@ async fn main() -> anyhow::Result<()> {
             State::Memory => StateKind::Memory,
         };
         let region_dir = dir.path().join(n);
-        regions.push(Region::start(load, AppConfig::new(n), args.partitions, state, &region_dir, &stop).await?);
+        let app = AppConfig::new(n);
+        regions.push(match &kafka {
+            None => Region::start(load, app, args.partitions, state, &region_dir, &stop).await?,
+            Some(k) => Region::start_kafka(load, app, args.partitions, k.clone(), &region_dir, &stop).await?,
+        });
     }
     for r in &regions {
         r.settle().await?;
@@ -136,17 +191,7 @@ async fn main() -> anyhow::Result<()> {
         }
         if last.0.elapsed() >= Duration::from_secs(1) {
             let rate = (sent - last.1) as f64 / last.0.elapsed().as_secs_f64();
-            let line: Vec<String> = regions
-                .iter()
-                .map(|r| {
-                    format!(
-                        "{}: {} orders, {} rejected",
-                        r.name,
-                        r.orders.records().len(),
-                        r.rejected.records().len()
-                    )
-                })
-                .collect();
+            let line: Vec<String> = regions.iter().map(Region::progress).collect();
             bar.set_position(started.elapsed().as_secs());
             bar.set_message(format!("{rate:>6.0} records/s | {}", line.join(" | ")));
             let live = format!(
@@ -197,7 +242,7 @@ async fn main() -> anyhow::Result<()> {
             get("warehouse-update"),
             s.rejected.len(),
             get("unknown-sku-scan"),
-            r.alerts.records().len(),
+            r.alerts().await?,
         );
         failures.extend(check(&s).into_iter().map(|f| format!("{}: {f}", r.name)));
         if let Some(dir) = &args.snapshot_dir {
@@ -214,7 +259,7 @@ async fn main() -> anyhow::Result<()> {
     stop.cancel();
     let mut invocations = 0;
     for r in regions {
-        invocations += r.finish().await?.invocations();
+        invocations += r.finish().await?;
     }
     println!();
     print!("{}", view.render());

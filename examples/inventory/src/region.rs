@@ -1,7 +1,11 @@
-//! One region run in-process: a runtime with the application's functions, its
-//! egresses collected in memory, a local-filesystem object store for the product
-//! images, and the region's load generator. The demo and the end-to-end tests use it;
-//! production embeds the runtime the same way with Kafka ingress and egress instead.
+//! One region with its load generator, run by the demo and the end-to-end tests:
+//! * in-process ([`Region::start`]): a runtime with the application's functions and its
+//!   egresses collected in memory; the generator sends through the runtime's handle.
+//! * on Kafka ([`Region::start_kafka`]): instances of the region's application in
+//!   cluster mode (`crate::kafka`), fed through the ingress topics; the final state is
+//!   read from the changelog topic and the egress from the egress topics.
+//!
+//! Product images live in a local-filesystem object store under the region's directory.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -17,8 +21,12 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::check::Snapshot;
-use crate::generator::{Generator, LoadConfig};
+use crate::generator::{Event, Generator, LoadConfig};
+use crate::kafka::{
+    Feed, InstanceConfig, Topics, create_topics, read_snapshot, read_topic, run_instance, wait_settled,
+};
 use crate::*;
+use statefun_kafka::ClusterReport;
 
 /// Where a region keeps its function state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,21 +42,42 @@ pub enum StateKind {
 pub struct Region {
     /// Its name.
     pub name: String,
-    /// The runtime's handle.
-    pub handle: RuntimeHandle,
-    /// `retail/orders`.
-    pub orders: CollectingEgress,
-    /// `retail/sku-windows`.
-    pub windows: CollectingEgress,
-    /// `retail/alerts`.
-    pub alerts: CollectingEgress,
-    /// `retail/rejected`.
-    pub rejected: CollectingEgress,
-    /// The runtime's dead letters.
-    pub dead: CollectingDeadLetters,
     /// The region's traffic.
     pub generator: Generator,
-    running: JoinHandle<Result<RunReport, statefun_runtime::Error>>,
+    mode: Mode,
+}
+
+#[derive(Debug)]
+enum Mode {
+    InProcess {
+        handle: RuntimeHandle,
+        orders: CollectingEgress,
+        windows: CollectingEgress,
+        alerts: CollectingEgress,
+        rejected: CollectingEgress,
+        dead: CollectingDeadLetters,
+        running: JoinHandle<Result<RunReport, statefun_runtime::Error>>,
+    },
+    Kafka {
+        settings: KafkaSettings,
+        feed: Feed,
+        instances: Vec<JoinHandle<anyhow::Result<ClusterReport>>>,
+    },
+}
+
+/// How a region runs on Kafka ([`Region::start_kafka`]).
+#[derive(Debug, Clone)]
+pub struct KafkaSettings {
+    /// `bootstrap.servers`.
+    pub brokers: String,
+    /// The topic names.
+    pub topics: Topics,
+    /// Runtime instances of the region (in this process, each with its own state).
+    pub instances: usize,
+    /// Commit interval of the instances.
+    pub commit_interval: Duration,
+    /// How long [`Region::settle`] waits for the region to finish its input.
+    pub settle_timeout: Duration,
 }
 
 impl Region {
@@ -92,29 +121,85 @@ impl Region {
         let runtime = builder.build()?;
         let handle = runtime.handle();
         let running = tokio::spawn(runtime.run(stop.clone().cancelled_owned()));
-        let name = load.region.clone();
-        let mut generator = Generator::new(load);
-        for e in generator.setup(store.as_ref()).await? {
-            handle.send(e.target, e.value).await?;
+        let mut region = Region {
+            name: load.region.clone(),
+            generator: Generator::new(load),
+            mode: Mode::InProcess {
+                handle,
+                orders,
+                windows,
+                alerts,
+                rejected,
+                dead,
+                running,
+            },
+        };
+        for e in region.generator.setup(store.as_ref()).await? {
+            region.send(e).await?;
         }
-        Ok(Region {
+        Ok(region)
+    }
+
+    /// Starts region `load.region` on Kafka: creates its topics, starts
+    /// `settings.instances` instances of its application in this process (state under
+    /// `dir`), and produces the initial product range to its ingress topics. The
+    /// instances stop when `stop` is cancelled.
+    pub async fn start_kafka(
+        load: LoadConfig,
+        app: AppConfig,
+        partitions: u32,
+        settings: KafkaSettings,
+        dir: &Path,
+        stop: &CancellationToken,
+    ) -> anyhow::Result<Region> {
+        let images = dir.join("objects");
+        std::fs::create_dir_all(&images)?;
+        let store: Arc<dyn object_store::ObjectStore> = Arc::new(LocalFileSystem::new_with_prefix(&images)?);
+        let name = load.region.clone();
+        create_topics(&settings.brokers, &settings.topics, &name, partitions).await?;
+        let instances = (0..settings.instances)
+            .map(|i| {
+                let config = InstanceConfig {
+                    brokers: settings.brokers.clone(),
+                    topics: settings.topics.clone(),
+                    app: app.clone(),
+                    instance_id: format!("i{i}"),
+                    partitions,
+                    state_dir: dir.join(format!("state-{i}")),
+                    commit_interval: settings.commit_interval,
+                };
+                tokio::spawn(run_instance(config, Arc::clone(&store), stop.clone()))
+            })
+            .collect();
+        let feed = Feed::new(&settings.brokers, &settings.topics, &name, partitions)?;
+        let mut region = Region {
             name,
-            handle,
-            orders,
-            windows,
-            alerts,
-            rejected,
-            dead,
-            generator,
-            running,
-        })
+            generator: Generator::new(load),
+            mode: Mode::Kafka {
+                settings,
+                feed,
+                instances,
+            },
+        };
+        for e in region.generator.setup(store.as_ref()).await? {
+            region.send(e).await?;
+        }
+        Ok(region)
+    }
+
+    async fn send(&self, e: Event) -> anyhow::Result<()> {
+        match &self.mode {
+            Mode::InProcess { handle, .. } => handle.send(e.target, e.value).await?,
+            Mode::Kafka { feed, .. } => feed.send(&e).await?,
+        }
+        Ok(())
     }
 
     /// Generates and sends `n` records.
     pub async fn send_next(&mut self, n: usize) -> anyhow::Result<()> {
         for _ in 0..n {
             let e = self.generator.next_event();
-            self.handle.send(e.target, e.value).await?;
+            self.send(e).await?;
         }
         Ok(())
     }
@@ -124,43 +209,102 @@ impl Region {
         let events = self.generator.drain();
         let n = events.len();
         for e in events {
-            self.handle.send(e.target, e.value).await?;
+            self.send(e).await?;
         }
         Ok(n)
     }
 
-    /// Waits until the runtime is idle with no delayed message pending: every abandoned
-    /// basket released and every analytics window flushed.
-    pub async fn settle(&self) -> anyhow::Result<()> {
-        loop {
-            self.handle.wait_idle().await;
-            let pending: usize = self.handle.stats().await?.iter().map(|p| p.pending_delayed).sum();
-            if pending == 0 {
-                return Ok(());
+    /// What the region has done so far, for a live status line.
+    pub fn progress(&self) -> String {
+        match &self.mode {
+            Mode::InProcess { orders, rejected, .. } => format!(
+                "{}: {} orders, {} rejected",
+                self.name,
+                orders.records().len(),
+                rejected.records().len()
+            ),
+            Mode::Kafka { instances, .. } => {
+                let running = instances.iter().filter(|i| !i.is_finished()).count();
+                format!("{}: {running} instance(s) running", self.name)
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
-    /// Reads the region's state and egress for [`check::check`](crate::check::check).
-    pub async fn snapshot(&self) -> anyhow::Result<Snapshot> {
-        let ledger = self.generator.ledger();
-        let h = &self.handle;
-        Ok(Snapshot {
-            stock: states(h, &INVENTORY, &ledger.skus, &STOCK).await?,
-            baskets: states(h, &CART, &ledger.baskets, &BASKET).await?,
-            accounts: states(h, &LOYALTY, &ledger.customers, &ACCOUNT).await?,
-            orders: decode_all(&self.orders)?,
-            windows: decode_all(&self.windows)?,
-            rejected: decode_all(&self.rejected)?,
-            dead_letters: self.dead.letters().len(),
-            ledger,
-        })
+    /// Waits until the region has done everything it was sent: every record processed,
+    /// every abandoned basket released and every analytics window flushed.
+    pub async fn settle(&self) -> anyhow::Result<()> {
+        match &self.mode {
+            Mode::InProcess { handle, .. } => loop {
+                handle.wait_idle().await;
+                let pending: usize = handle.stats().await?.iter().map(|p| p.pending_delayed).sum();
+                if pending == 0 {
+                    return Ok(());
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            },
+            Mode::Kafka { settings, feed, .. } => {
+                feed.flush()?;
+                wait_settled(&settings.brokers, &settings.topics, &self.name, settings.settle_timeout).await?;
+                Ok(())
+            }
+        }
     }
 
-    /// Waits for the runtime to stop (after `stop` was cancelled).
-    pub async fn finish(self) -> anyhow::Result<RunReport> {
-        Ok(self.running.await??)
+    /// Reads the region's state and egress for [`check::check`](crate::check::check)
+    /// (on Kafka, once the region has settled).
+    pub async fn snapshot(&self) -> anyhow::Result<Snapshot> {
+        let ledger = self.generator.ledger();
+        match &self.mode {
+            Mode::InProcess {
+                handle: h,
+                orders,
+                windows,
+                rejected,
+                dead,
+                ..
+            } => Ok(Snapshot {
+                stock: states(h, &INVENTORY, &ledger.skus, &STOCK).await?,
+                baskets: states(h, &CART, &ledger.baskets, &BASKET).await?,
+                accounts: states(h, &LOYALTY, &ledger.customers, &ACCOUNT).await?,
+                orders: decode_all(orders)?,
+                windows: decode_all(windows)?,
+                rejected: decode_all(rejected)?,
+                dead_letters: dead.letters().len(),
+                ledger,
+            }),
+            Mode::Kafka { settings, feed, .. } => {
+                feed.flush()?;
+                let (b, t) = (&settings.brokers, &settings.topics);
+                let state = wait_settled(b, t, &self.name, settings.settle_timeout).await?;
+                read_snapshot(b, t, &self.name, &state, ledger).await
+            }
+        }
+    }
+
+    /// How many low-stock alerts the region raised.
+    pub async fn alerts(&self) -> anyhow::Result<usize> {
+        match &self.mode {
+            Mode::InProcess { alerts, .. } => Ok(alerts.records().len()),
+            Mode::Kafka { settings, .. } => {
+                let (b, t) = (settings.brokers.clone(), settings.topics.region(&self.name, "alerts"));
+                Ok(tokio::task::spawn_blocking(move || read_topic(&b, &t)).await??.len())
+            }
+        }
+    }
+
+    /// Waits for the region's runtimes to stop (after `stop` was cancelled); returns
+    /// how many invocations they ran.
+    pub async fn finish(self) -> anyhow::Result<u64> {
+        match self.mode {
+            Mode::InProcess { running, .. } => Ok(running.await??.invocations()),
+            Mode::Kafka { instances, .. } => {
+                let mut invocations = 0;
+                for i in instances {
+                    invocations += i.await??.runs.iter().map(RunReport::invocations).sum::<u64>();
+                }
+                Ok(invocations)
+            }
+        }
     }
 }
 

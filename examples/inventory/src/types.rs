@@ -186,8 +186,11 @@ pub enum BasketStatus {
     CheckingOut,
     /// Paid.
     Completed,
-    /// Cancelled, abandoned, or checked out empty; reservations returned.
+    /// Cancelled, or checked out empty; reservations returned.
     Released,
+    /// No counter event for `abandon_after`: reservations returned. A later counter
+    /// event revives the basket (its items are reserved again).
+    Abandoned,
 }
 
 /// State of one basket.
@@ -217,6 +220,9 @@ pub struct Basket {
     pub status: BasketStatus,
     /// The bill, once completed.
     pub bill: Option<Bill>,
+    /// What the basket held (reserved or asked for) when it was abandoned: reserved again
+    /// if the counter comes back.
+    pub abandoned: BTreeMap<String, i64>,
 }
 json_type!(Basket, "retail/Basket");
 

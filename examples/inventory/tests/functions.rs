@@ -211,7 +211,7 @@ fn abandon_timer_releases_reservations_and_is_cancelled_by_checkout() {
         inventory_cmds(&released),
         vec![("SKU-00001".into(), InventoryCmd::Release { qty: 1 })]
     );
-    assert_eq!(h.state(&BASKET).unwrap().unwrap().status, BasketStatus::Released);
+    assert_eq!(h.state(&BASKET).unwrap().unwrap().status, BasketStatus::Abandoned);
 
     let mut h = cart("b2");
     h.invoke_value_blocking(&scan(1, "SKU-00001")).unwrap();
@@ -314,6 +314,100 @@ fn inventory_windows_sum_sales_and_deliveries_for_analytics() {
     assert!(h.pending_delayed().is_empty(), "a quiet SKU arms no timer");
 }
 
+#[test]
+fn malformed_counter_events_and_scans_without_a_sku_are_refused_and_the_basket_goes_on() {
+    let mut h = cart("b1");
+    h.invoke_value_blocking(&scan(1, "SKU-00001")).unwrap();
+    h.invoke_value_blocking(&reserved("SKU-00001", true, 100)).unwrap();
+    let garbled = statefun_sdk::TypedValue::from_bytes(
+        <PosEvent as statefun_sdk::ValueType>::TYPE_NAME,
+        b"{\"seq\": 2, ".to_vec(),
+    );
+    let e = h.invoke_blocking(garbled).unwrap();
+    let refused = egress::<Rejected>(&e, &REJECTED);
+    assert!(refused[0].reason.contains("malformed counter event"), "{refused:?}");
+    let e = h.invoke_value_blocking(&scan(2, "")).unwrap();
+    assert_eq!(egress::<Rejected>(&e, &REJECTED)[0].reason, "scan without a SKU");
+    let cancelled = h.invoke_value_blocking(&pos(3, PosAction::Cancel)).unwrap();
+    assert_eq!(
+        inventory_cmds(&cancelled),
+        vec![("SKU-00001".into(), InventoryCmd::Release { qty: 1 })],
+        "the basket was not parked: its reservation is still compensated"
+    );
+}
+
+#[test]
+fn a_reservation_reply_the_basket_is_not_waiting_for_is_handed_back() {
+    let mut h = cart("b1");
+    let e = h.invoke_value_blocking(&reserved("SKU-00001", true, 100)).unwrap();
+    assert_eq!(
+        inventory_cmds(&e),
+        vec![("SKU-00001".into(), InventoryCmd::Release { qty: 1 })]
+    );
+    assert!(
+        h.state(&BASKET).unwrap().is_none(),
+        "no basket is opened by a stray reply"
+    );
+    h.invoke_value_blocking(&scan(1, "SKU-00001")).unwrap();
+    h.invoke_value_blocking(&reserved("SKU-00001", true, 100)).unwrap();
+    let duplicate = h.invoke_value_blocking(&reserved("SKU-00001", true, 100)).unwrap();
+    assert_eq!(
+        inventory_cmds(&duplicate),
+        vec![("SKU-00001".into(), InventoryCmd::Release { qty: 1 })]
+    );
+    assert_eq!(h.state(&BASKET).unwrap().unwrap().items["SKU-00001"], 1);
+}
+
+#[test]
+fn a_counter_that_comes_back_after_the_abandon_timer_revives_the_basket() {
+    let mut h = cart("b1");
+    h.invoke_value_blocking(&scan(1, "SKU-00001")).unwrap();
+    h.invoke_value_blocking(&scan(2, "SKU-00002")).unwrap();
+    h.invoke_value_blocking(&reserved("SKU-00001", true, 100)).unwrap();
+    let fired = h.advance(AppConfig::new("north").abandon_after);
+    let abandoned = h.invoke_from_blocking(None, fired[0].message.clone()).unwrap();
+    assert_eq!(
+        inventory_cmds(&abandoned),
+        vec![("SKU-00001".into(), InventoryCmd::Release { qty: 1 })]
+    );
+    // The reservation still travelling when the timer fired is handed back too.
+    let late = h.invoke_value_blocking(&reserved("SKU-00002", true, 300)).unwrap();
+    assert_eq!(
+        inventory_cmds(&late),
+        vec![("SKU-00002".into(), InventoryCmd::Release { qty: 1 })]
+    );
+    assert_eq!(h.state(&BASKET).unwrap().unwrap().status, BasketStatus::Abandoned);
+
+    let back = h.invoke_value_blocking(&pos(3, PosAction::Checkout)).unwrap();
+    let reserve = |sku: &str| {
+        (
+            sku.to_string(),
+            InventoryCmd::Reserve {
+                basket: "b1".into(),
+                qty: 1,
+            },
+        )
+    };
+    assert_eq!(inventory_cmds(&back), vec![reserve("SKU-00001"), reserve("SKU-00002")]);
+    assert!(orders(&back).is_empty(), "the checkout waits for the new reservations");
+    h.invoke_value_blocking(&reserved("SKU-00001", true, 100)).unwrap();
+    let done = h.invoke_value_blocking(&reserved("SKU-00002", true, 300)).unwrap();
+    assert_eq!(orders(&done)[0].bill.total_cents, 400);
+}
+
+#[test]
+fn a_checkout_after_a_cancel_is_refused_visibly() {
+    let mut h = cart("b1");
+    h.invoke_value_blocking(&scan(1, "SKU-00001")).unwrap();
+    h.invoke_value_blocking(&pos(2, PosAction::Cancel)).unwrap();
+    let late = h.invoke_value_blocking(&pos(3, PosAction::Checkout)).unwrap();
+    assert!(orders(&late).is_empty());
+    assert_eq!(
+        egress::<Rejected>(&late, &REJECTED)[0].reason,
+        "checkout of a released basket"
+    );
+}
+
 fn update(sku: &str, image: Option<&str>) -> WarehouseUpdate {
     WarehouseUpdate {
         warehouse: "w1".into(),
@@ -409,6 +503,13 @@ async fn intake_rejects_invalid_products_malformed_records_and_corrupt_images_wi
         ),
         (
             WarehouseUpdate {
+                price_cents: i64::MAX / 2,
+                ..update("SKU-00001", None)
+            },
+            "above the limit",
+        ),
+        (
+            WarehouseUpdate {
                 stock: -3,
                 ..update("SKU-00001", None)
             },
@@ -417,6 +518,7 @@ async fn intake_rejects_invalid_products_malformed_records_and_corrupt_images_wi
         (update("SKU-00001", Some("incoming/broken.png")), "cannot decode"),
         (update("SKU-00001", Some("incoming/notes.txt")), "unknown image format"),
         (update("SKU-00001", Some("incoming/missing.png")), "not found"),
+        (update("SKU-00002", None), "is not the product's SKU"),
     ];
     for (u, reason) in cases {
         let e = h.invoke_value(&u).await.unwrap();

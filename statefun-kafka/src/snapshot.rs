@@ -1,0 +1,165 @@
+//! A read-only view of an application's committed state, read from its changelog topic.
+//!
+//! Why it exists: in Kafka and cluster mode the changelog topic holds the latest
+//! committed value of every key of every partition, whichever instance owns it. Reading
+//! it with `isolation.level=read_committed` gives the state exactly as the last commits
+//! left it, without asking the running instances (which may be several, or none).
+//! Operators inspect state with it, and the reference application's invariant checker
+//! reads a region's final state this way.
+//!
+//! What it promises: the snapshot holds every committed transaction that ended before
+//! the read reached the end of each partition (the high watermark when the read
+//! started). It also reports what the application has not finished yet: per source
+//! partition the offset of the last record accepted, messages accepted but not processed
+//! (inboxes), and pending delayed messages (timers), so a caller can tell a settled
+//! application from a busy one.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use bytes::Bytes;
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use statefun_runtime::ingress::source_name;
+use statefun_runtime::state::keys::{self, Key};
+use statefun_runtime::state::{Error as StateError, LogKey, StoredValue, rocksdb::decode_value};
+use statefun_sdk::{Address, CodecError, TypeName, ValueSpec, ValueType};
+
+use crate::changelog::{PartitionReader, state_error};
+
+/// The committed state in a changelog topic (module docs).
+#[derive(Debug, Clone, Default)]
+pub struct ChangelogSnapshot {
+    values: HashMap<Address, HashMap<String, StoredValue>>,
+    progress: BTreeMap<String, u64>,
+    inbox: usize,
+    timers: usize,
+    ends: Vec<i64>,
+}
+
+impl ChangelogSnapshot {
+    /// Reads every partition of `topic` up to its current end. Blocking (run it on a
+    /// blocking thread in async code); each partition read fails after `timeout`
+    /// without progress (an open transaction of a stopped producer holds it back until
+    /// the broker aborts it).
+    pub fn read(bootstrap_servers: &str, topic: &str, timeout: Duration) -> Result<ChangelogSnapshot, StateError> {
+        let metadata: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap_servers)
+            .create()
+            .map_err(|e| state_error("cannot create the metadata client", &e))?;
+        let md = metadata
+            .fetch_metadata(Some(topic), timeout)
+            .map_err(|e| state_error("cannot read the changelog's metadata", &e))?;
+        let partitions = md
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic && t.error().is_none())
+            .map_or(0, |t| t.partitions().len());
+        if partitions == 0 {
+            return Err(StateError::Permanent(format!("changelog topic {topic} does not exist")));
+        }
+        let reader = PartitionReader {
+            bootstrap_servers,
+            group: format!("{topic}-snapshot"),
+            topic,
+            timeout,
+        };
+        let mut raw: BTreeMap<Bytes, Bytes> = BTreeMap::new();
+        let mut ends = Vec::with_capacity(partitions);
+        for p in 0..partitions as i32 {
+            let high = reader.end(p)?;
+            ends.push(high);
+            reader.read(p, None, high, &mut |key, value, _| {
+                let key = Bytes::copy_from_slice(key);
+                match value {
+                    Some(v) => raw.insert(key, Bytes::copy_from_slice(v)),
+                    None => raw.remove(&key),
+                };
+                Ok(())
+            })?;
+        }
+        let mut snapshot = ChangelogSnapshot {
+            ends,
+            ..Default::default()
+        };
+        let corrupt = |what: String| StateError::Permanent(format!("changelog topic {topic}: {what}"));
+        for (key, value) in raw {
+            if key.first() == Some(&0) {
+                continue; // the backend's own bookkeeping (a partition's incarnation)
+            }
+            match keys::decode(&key).map_err(|e| corrupt(format!("undecodable key: {e}")))? {
+                Key::State { address, name, .. } => {
+                    let value = decode_value(&value).map_err(|e| corrupt(format!("value of {address}/{name}: {e}")))?;
+                    snapshot.values.entry(address).or_default().insert(name, value);
+                }
+                Key::Progress { source, .. } => {
+                    let offset = value
+                        .as_ref()
+                        .try_into()
+                        .map(u64::from_be_bytes)
+                        .map_err(|_| corrupt(format!("progress through {source} is not a u64")))?;
+                    let slot = snapshot.progress.entry(source).or_insert(offset);
+                    *slot = (*slot).max(offset);
+                }
+                Key::Log {
+                    key: LogKey::Inbox { .. },
+                    ..
+                } => snapshot.inbox += 1,
+                Key::Log {
+                    key: LogKey::Timer { .. },
+                    ..
+                } => snapshot.timers += 1,
+                Key::Log {
+                    key: LogKey::Egress { .. },
+                    ..
+                } => {}
+            }
+        }
+        Ok(snapshot)
+    }
+
+    /// The value of `spec` at `address`, decoded; `None` when absent or expired.
+    pub fn state<T: ValueType>(&self, address: &Address, spec: &ValueSpec<T>) -> Result<Option<T>, CodecError> {
+        self.state_raw(address, spec.name()).map(|b| T::decode(b)).transpose()
+    }
+
+    /// The bytes of state `name` at `address`; `None` when absent or expired.
+    pub fn state_raw(&self, address: &Address, name: &str) -> Option<&Bytes> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let v = self.values.get(address)?.get(name)?;
+        v.expires_at_ms.is_none_or(|t| t > now).then_some(&v.value)
+    }
+
+    /// Every address of functions of type `function` that has state.
+    pub fn addresses<'a>(&'a self, function: &'a TypeName) -> impl Iterator<Item = &'a Address> + 'a {
+        self.values.keys().filter(move |a| a.type_name() == function)
+    }
+
+    /// The offset of the last record of `topic`/`partition` the application accepted
+    /// (into an inbox or processed), if it accepted any: the highest offset any runtime
+    /// partition stored for it. In cluster mode one runtime partition accepts all of a
+    /// source partition; with one instance, each runtime partition stores the last
+    /// offset it accepted itself, and a commit holds every partition's changes, so the
+    /// highest one is where the whole application stands.
+    pub fn progress(&self, topic: &str, partition: i32) -> Option<u64> {
+        self.progress.get(&source_name(topic, partition)).copied()
+    }
+
+    /// Messages accepted by a partition and not processed yet.
+    pub fn pending_messages(&self) -> usize {
+        self.inbox
+    }
+
+    /// Delayed messages not delivered (or cancelled) yet.
+    pub fn pending_timers(&self) -> usize {
+        self.timers
+    }
+
+    /// The end offset (high watermark) of each changelog partition when it was read: two
+    /// snapshots with the same ends saw no commit in between.
+    pub fn ends(&self) -> &[i64] {
+        &self.ends
+    }
+}
