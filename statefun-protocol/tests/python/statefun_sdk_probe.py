@@ -1,0 +1,106 @@
+"""Runs a function written with the apache-flink-statefun Python SDK (3.3.0 from PyPI) over
+HTTP and prints the request and response bytes: the golden bytes of
+statefun-protocol/tests/python_sdk_golden.rs. Usage (docs/protocol.md):
+  python3 -m venv /tmp/sfvenv && /tmp/sfvenv/bin/pip install apache-flink-statefun==3.3.0
+  /tmp/sfvenv/bin/python statefun-protocol/tests/python/statefun_sdk_probe.py
+"""
+import json, sys, threading, urllib.request
+from datetime import timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from statefun import (StatefulFunctions, RequestReplyHandler, Context, Message, ValueSpec,
+                      IntType, StringType, make_json_type, message_builder, kafka_egress_message)
+from statefun.request_reply_pb2 import ToFunction, FromFunction, TypedValue, Address
+from statefun import types_pb2
+
+UserType = make_json_type("com.example/User")          # custom JSON type
+
+functions = StatefulFunctions()
+
+@functions.bind(typename="com.example/greeter",
+                specs=[ValueSpec(name="seen_count", type=IntType),
+                       ValueSpec(name="profile", type=UserType,
+                                 expire_after_write=timedelta(minutes=5))])
+def greeter(ctx: Context, message: Message):
+    name = message.as_string()
+    seen = ctx.storage.seen_count or 0
+    seen += 1
+    ctx.storage.seen_count = seen
+    ctx.storage.profile = {"name": name, "seen": seen}
+    # plain outgoing message
+    ctx.send(message_builder(target_typename="com.example/printer", target_id=name,
+                             str_value=f"Hello {name} #{seen}"))
+    # delayed message with a cancellation token, then cancel it
+    ctx.send_after(timedelta(seconds=2),
+                   message_builder(target_typename="com.example/greeter", target_id=name, int_value=7),
+                   cancellation_token="tok-1")
+    ctx.cancel_delayed_message("tok-1")
+    # Kafka egress record
+    ctx.send_egress(kafka_egress_message(typename="com.example/out", topic="greetings",
+                                         key=name, value=f"hi {name}"))
+
+handler = RequestReplyHandler(functions)
+
+class H(BaseHTTPRequestHandler):
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        out = handler.handle_sync(body)
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+    def log_message(self, *a):
+        pass
+
+srv = ThreadingHTTPServer(("127.0.0.1", 0), H)
+port = srv.server_address[1]
+threading.Thread(target=srv.serve_forever, daemon=True).start()
+URL = f"http://127.0.0.1:{port}/statefun"
+
+def post(req: ToFunction) -> FromFunction:
+    data = req.SerializeToString()
+    print("REQUEST  bytes (%d): %s" % (len(data), data.hex()))
+    r = urllib.request.Request(URL, data=data, method="POST",
+                               headers={"Content-Type": "application/octet-stream"})
+    with urllib.request.urlopen(r) as resp:
+        body = resp.read()
+        print("HTTP", resp.status, "Content-Type:", resp.headers.get("Content-Type"))
+    print("RESPONSE bytes (%d): %s" % (len(body), body.hex()))
+    ff = FromFunction(); ff.ParseFromString(body)
+    print("RESPONSE oneof:", ff.WhichOneof("response"))
+    print(ff)
+    return ff
+
+def base_request(states):
+    req = ToFunction()
+    b = req.invocation
+    b.target.namespace, b.target.type, b.target.id = "com.example", "greeter", "alice"
+    for name, tv in states:
+        pv = b.state.add(); pv.state_name = name
+        if tv is not None:
+            pv.state_value.CopyFrom(tv)
+    inv = b.invocations.add()
+    inv.caller.namespace, inv.caller.type, inv.caller.id = "com.example", "ingress-fn", "x"
+    w = types_pb2.StringWrapper(value="alice")
+    inv.argument.typename = "io.statefun.types/string"
+    inv.argument.has_value = True
+    inv.argument.value = w.SerializeToString()
+    return req
+
+print("=== call 1: no state attached")
+r1 = post(base_request([]))
+print("=== call 2: states registered but empty (as the runtime sends right after registering)")
+r2 = post(base_request([("seen_count", None), ("profile", None)]))
+print("=== call 3: states carry values from call 2's mutations")
+muts = {m.state_name: m.state_value for m in r2.invocation_result.state_mutations}
+r3 = post(base_request([("seen_count", muts["seen_count"]), ("profile", muts["profile"])]))
+print("=== primitive wrapper encodings (value field bytes)")
+for cls, v in [(types_pb2.BooleanWrapper, True), (types_pb2.BooleanWrapper, False),
+               (types_pb2.IntWrapper, 1), (types_pb2.IntWrapper, -1), (types_pb2.IntWrapper, 0),
+               (types_pb2.LongWrapper, 1), (types_pb2.FloatWrapper, 1.5),
+               (types_pb2.DoubleWrapper, 1.5), (types_pb2.StringWrapper, "hi"),
+               (types_pb2.StringWrapper, "")]:
+    print(f"{cls.__name__}({v!r}) -> {cls(value=v).SerializeToString().hex() or '(empty)'}")
+print("JSON type bytes:", UserType.serializer().serialize({"name": "alice", "seen": 1}))
+srv.shutdown()
