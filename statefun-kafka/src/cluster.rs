@@ -446,19 +446,31 @@ async fn drive(
             continue;
         }
         let parts: Vec<PartitionId> = owned.iter().copied().collect();
-        let linked = match member {
-            None => Ok(()),
-            Some(member) => stable_offsets(member, &internal, &parts, config.timeout).map(|next| {
-                changelog.link_group(Some(GroupLink {
-                    metadata: {
-                        let member = Arc::clone(member);
-                        Box::new(move || member.group_metadata())
-                    },
-                    next,
-                }));
-            }),
+        // Reading the group's offsets and restoring state block (Kafka reads, RocksDB):
+        // off the async workers.
+        let prepared = {
+            let (c, log, m, ps, topic) = (
+                config.clone(),
+                Arc::clone(changelog),
+                member.cloned(),
+                parts.clone(),
+                internal.clone(),
+            );
+            tokio::task::spawn_blocking(move || {
+                if let Some(m) = m {
+                    let next = stable_offsets(&m, &topic, &ps, c.timeout)?;
+                    log.link_group(Some(GroupLink {
+                        metadata: Box::new(move || m.group_metadata()),
+                        next,
+                    }));
+                }
+                restore(&c, &log, &ps)
+            })
+            .await
+            .map_err(|e| ClusterError::Membership(format!("the restore task panicked: {e}")))
+            .and_then(|r| r)
+            .and_then(|backend| build(config, backend, &configure))
         };
-        let prepared = linked.and_then(|()| build(config, changelog, &parts, &configure));
         let runtime = match prepared {
             Ok(r) => r,
             // The previous owner's transaction is still open (its offsets are not
@@ -550,14 +562,12 @@ fn stable_offsets(
         .collect())
 }
 
-/// A runtime over `parts`: their state restored, the internal topic and the ingress
-/// topics' partitions they accept as one ingress.
-fn build(
+/// The state of `parts`, restored (local RocksDB, then the changelog). Blocking.
+fn restore(
     config: &KafkaClusterConfig,
     changelog: &Arc<KafkaChangelog>,
     parts: &[PartitionId],
-    configure: &impl Fn(RuntimeBuilder) -> RuntimeBuilder,
-) -> Result<Runtime, ClusterError> {
+) -> Result<ChangelogBackend, ClusterError> {
     let state_err = |source| ClusterError::State {
         partitions: parts.to_vec(),
         source,
@@ -571,6 +581,16 @@ fn build(
     )
     .map_err(state_err)?;
     tracing::info!(partitions = ?parts, changes = restored.changes, "restored from the changelog");
+    Ok(backend)
+}
+
+/// A runtime over the restored `backend`: the internal topic and the ingress topics'
+/// partitions its partitions accept as one ingress.
+fn build(
+    config: &KafkaClusterConfig,
+    backend: ChangelogBackend,
+    configure: &impl Fn(RuntimeBuilder) -> RuntimeBuilder,
+) -> Result<Runtime, ClusterError> {
     let mut routers: HashMap<String, Arc<dyn Router>> =
         config.ingress.iter().map(|(t, r)| (t.clone(), Arc::clone(r))).collect();
     routers.insert(config.internal_topic(), Arc::new(MessageRouter));
