@@ -135,7 +135,14 @@ pub fn check(s: &Snapshot) -> Vec<String> {
         }
     }
 
-    let mut windows: BTreeMap<&str, (i64, i64)> = BTreeMap::new();
+    // Revenue per SKU at the prices the bills charged (before discounts).
+    let mut gross: BTreeMap<&str, i64> = BTreeMap::new();
+    for b in completed.values() {
+        for (sku, q) in &b.items {
+            *gross.entry(sku).or_default() += q * b.prices.get(sku).map_or(0, |p| p.0);
+        }
+    }
+    let mut windows: BTreeMap<&str, (i64, i64, i64)> = BTreeMap::new();
     let mut seen = std::collections::BTreeSet::new();
     for w in &s.windows {
         if !seen.insert((&w.sku, w.seq)) {
@@ -144,14 +151,17 @@ pub fn check(s: &Snapshot) -> Vec<String> {
         let e = windows.entry(&w.sku).or_default();
         e.0 += w.sold;
         e.1 += w.delivered;
+        e.2 += w.revenue_cents;
     }
     for sku in &s.ledger.skus {
-        let (w_sold, w_delivered) = windows.get(sku.as_str()).copied().unwrap_or((0, 0));
+        let (w_sold, w_delivered, w_revenue) = windows.get(sku.as_str()).copied().unwrap_or_default();
         let sold = sold.get(sku.as_str()).copied().unwrap_or(0);
         let delivered = s.ledger.delivered.get(sku).copied().unwrap_or(0);
-        if (w_sold, w_delivered) != (sold, delivered) {
+        let revenue = gross.get(sku.as_str()).copied().unwrap_or(0);
+        if (w_sold, w_delivered, w_revenue) != (sold, delivered, revenue) {
             v.push(format!(
-                "analytics {sku}: windows count {w_sold} sold / {w_delivered} delivered, the region {sold} / {delivered}"
+                "analytics {sku}: windows count {w_sold} sold / {w_delivered} delivered / {w_revenue} cents, \
+                 the region {sold} / {delivered} / {revenue}"
             ));
         }
     }
@@ -258,6 +268,7 @@ mod tests {
             (|s| s.accounts.clear(), "no account"),
             (|s| s.windows.push(s.windows[0].clone()), "appears twice"),
             (|s| s.windows[0].sold = 1, "analytics SKU-00001"),
+            (|s| s.windows[0].revenue_cents = 190, "analytics SKU-00001"),
             (|s| s.rejected.clear(), "records rejected"),
             (|s| s.dead_letters = 1, "dead-lettered"),
             (|s| s.baskets.clear(), "basket b1 has no state"),

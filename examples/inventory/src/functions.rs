@@ -74,12 +74,11 @@ pub fn inventory(ctx: &mut Context, msg: Message, config: &AppConfig) -> Functio
             ctx.send(Address::new(CART, basket)?, &reply)?;
         }
         InventoryCmd::Release { qty } => stock.reserved -= qty,
-        InventoryCmd::Commit { qty } => {
+        InventoryCmd::Commit { qty, price_cents } => {
             stock.reserved -= qty;
             stock.on_hand -= qty;
-            let price = ctx.storage().get(&PRODUCT)?.map_or(0, |p| p.price_cents);
             window.sold += qty;
-            window.revenue_cents += qty * price;
+            window.revenue_cents += qty * price_cents;
         }
         InventoryCmd::FlushWindow => {
             let record = SkuWindow {
@@ -351,7 +350,9 @@ fn complete(ctx: &mut Context, id: &str, b: &mut Basket, config: &AppConfig) -> 
         return Ok(());
     }
     for (sku, qty) in &b.items {
-        ctx.send(Address::new(INVENTORY, sku)?, &InventoryCmd::Commit { qty: *qty })?;
+        let price_cents = b.prices.get(sku).map_or(0, |p| p.0);
+        let commit = InventoryCmd::Commit { qty: *qty, price_cents };
+        ctx.send(Address::new(INVENTORY, sku)?, &commit)?;
     }
     let bill = bill(&b.items, &b.prices, b.code.as_deref());
     if !b.customer.is_empty() {

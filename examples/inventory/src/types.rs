@@ -97,8 +97,9 @@ pub enum InventoryCmd {
     Reserve { basket: String, qty: i64 },
     /// Return a basket's hold.
     Release { qty: i64 },
-    /// The basket was paid: the held items leave the store.
-    Commit { qty: i64 },
+    /// The basket was paid: the held items leave the store, sold at `price_cents` each
+    /// (the price the basket's reservations were answered with: what the bill charged).
+    Commit { qty: i64, price_cents: i64 },
     /// The analytics window timer fired.
     FlushWindow,
 }

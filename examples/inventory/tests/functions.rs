@@ -111,7 +111,13 @@ fn out_of_stock_mid_basket_bills_only_reserved_items_and_cancel_releases_the_ear
     assert_eq!((order.bill.items, order.bill.total_cents), (1, 250));
     assert_eq!(
         inventory_cmds(&done),
-        vec![("SKU-00001".into(), InventoryCmd::Commit { qty: 1 })]
+        vec![(
+            "SKU-00001".into(),
+            InventoryCmd::Commit {
+                qty: 1,
+                price_cents: 250
+            }
+        )]
     );
 }
 
@@ -295,7 +301,11 @@ fn inventory_windows_sum_sales_and_deliveries_for_analytics() {
         qty: 2,
     })
     .unwrap();
-    h.invoke_value_blocking(&InventoryCmd::Commit { qty: 2 }).unwrap();
+    h.invoke_value_blocking(&InventoryCmd::Commit {
+        qty: 2,
+        price_cents: 250,
+    })
+    .unwrap();
     let fired = h.advance(AppConfig::new("north").window);
     assert_eq!(fired.len(), 1, "one flush timer per window");
     let flushed = h.invoke_from_blocking(None, fired[0].message.clone()).unwrap();
