@@ -73,6 +73,46 @@ impl LoadConfig {
             seed,
         }
     }
+
+    /// Why this configuration cannot generate traffic, if it cannot: SKU ids have five
+    /// digits, every count must be positive, every share a probability (the shares of
+    /// baskets together at most 1).
+    pub fn validate(&self) -> Result<(), String> {
+        if self.skus == 0 || self.skus >= 100_000 {
+            return Err(format!(
+                "skus must be 1 to 99999 (SKU ids have five digits), not {}",
+                self.skus
+            ));
+        }
+        for (what, n) in [
+            ("stores", self.stores),
+            ("counters per store", self.counters_per_store),
+            ("customers", self.customers),
+            ("warehouses", self.warehouses),
+        ] {
+            if n == 0 {
+                return Err(format!("{what} must be at least 1"));
+            }
+        }
+        for (what, p) in [
+            ("abandon ratio", self.abandon_ratio),
+            ("cancel ratio", self.cancel_ratio),
+            ("bad-record ratio", self.bad_ratio),
+            ("duplicate ratio", self.duplicate_ratio),
+            ("reorder ratio", self.reorder_ratio),
+        ] {
+            if !(0.0..=1.0).contains(&p) {
+                return Err(format!("{what} must be between 0 and 1, not {p}"));
+            }
+        }
+        if self.abandon_ratio + self.cancel_ratio > 1.0 {
+            return Err("abandon ratio and cancel ratio add up to more than 1".into());
+        }
+        if self.image_size.0 == 0 || self.image_size.1 == 0 {
+            return Err("the product images need a size".into());
+        }
+        Ok(())
+    }
 }
 
 /// One generated record: where it goes and what it carries.
@@ -428,6 +468,26 @@ pub fn sku(i: usize) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn configurations_that_cannot_generate_traffic_are_refused_with_the_reason() {
+        assert_eq!(LoadConfig::new("r", 1).validate(), Ok(()));
+        type Breaker = fn(&mut LoadConfig);
+        let broken: Vec<(Breaker, &str)> = vec![
+            (|c| c.skus = 0, "skus"),
+            (|c| c.skus = 100_000, "five digits"),
+            (|c| c.customers = 0, "customers"),
+            (|c| c.bad_ratio = 1.5, "bad-record ratio"),
+            (|c| c.abandon_ratio = 0.7, "add up"),
+        ];
+        for (breakit, says) in broken {
+            let mut c = LoadConfig::new("r", 1);
+            c.cancel_ratio = 0.5;
+            breakit(&mut c);
+            let e = c.validate().unwrap_err();
+            assert!(e.contains(says), "{e:?} does not say {says:?}");
+        }
+    }
+
     use super::*;
 
     #[test]

@@ -151,6 +151,7 @@ async fn main() -> anyhow::Result<()> {
         load.customers = args.customers;
         load.abandon_ratio = args.abandon_ratio;
         load.bad_ratio = args.bad_ratio;
+        load.validate().map_err(|e| anyhow::anyhow!("invalid load: {e}"))?;
         let state = match args.state {
             State::Rocksdb => StateKind::RocksDb,
             State::Memory => StateKind::Memory,

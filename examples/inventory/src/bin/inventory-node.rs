@@ -204,6 +204,7 @@ async fn main() -> anyhow::Result<()> {
             load.skus = skus;
             load.customers = customers;
             load.bad_ratio = bad_ratio;
+            load.validate().map_err(|e| anyhow::anyhow!("invalid load: {e}"))?;
             let mut generator = Generator::new(load);
             for e in generator.setup(object_store(&objects)?.as_ref()).await? {
                 feed.send(&e).await?;
