@@ -30,6 +30,9 @@ use crate::changelog::{PartitionReader, state_error};
 /// The committed state in a changelog topic (module docs).
 #[derive(Debug, Clone, Default)]
 pub struct ChangelogSnapshot {
+    topic: String,
+    /// The latest committed value of every key (what a refresh continues from).
+    raw: BTreeMap<Bytes, Bytes>,
     values: HashMap<Address, HashMap<String, StoredValue>>,
     progress: BTreeMap<String, u64>,
     inbox: usize,
@@ -43,12 +46,25 @@ impl ChangelogSnapshot {
     /// without progress (an open transaction of a stopped producer holds it back until
     /// the broker aborts it).
     pub fn read(bootstrap_servers: &str, topic: &str, timeout: Duration) -> Result<ChangelogSnapshot, StateError> {
+        let mut snapshot = ChangelogSnapshot {
+            topic: topic.to_owned(),
+            ..Default::default()
+        };
+        snapshot.refresh(bootstrap_servers, timeout)?;
+        Ok(snapshot)
+    }
+
+    /// Reads what was committed since the snapshot was taken (or last refreshed), up to
+    /// each partition's current end: the snapshot then shows the state at that point.
+    /// Only the new records are read. Blocking, like [`ChangelogSnapshot::read`].
+    pub fn refresh(&mut self, bootstrap_servers: &str, timeout: Duration) -> Result<(), StateError> {
+        let topic = self.topic.clone();
         let metadata: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", bootstrap_servers)
             .create()
             .map_err(|e| state_error("cannot create the metadata client", &e))?;
         let md = metadata
-            .fetch_metadata(Some(topic), timeout)
+            .fetch_metadata(Some(&topic), timeout)
             .map_err(|e| state_error("cannot read the changelog's metadata", &e))?;
         let partitions = md
             .topics()
@@ -58,18 +74,24 @@ impl ChangelogSnapshot {
         if partitions == 0 {
             return Err(StateError::Permanent(format!("changelog topic {topic} does not exist")));
         }
+        if !self.ends.is_empty() && self.ends.len() != partitions {
+            return Err(StateError::Permanent(format!(
+                "changelog topic {topic} has {partitions} partitions, it had {}",
+                self.ends.len()
+            )));
+        }
         let reader = PartitionReader {
             bootstrap_servers,
             group: format!("{topic}-snapshot"),
-            topic,
+            topic: &topic,
             timeout,
         };
-        let mut raw: BTreeMap<Bytes, Bytes> = BTreeMap::new();
+        let raw = &mut self.raw;
         let mut ends = Vec::with_capacity(partitions);
         for p in 0..partitions as i32 {
             let high = reader.end(p)?;
-            ends.push(high);
-            reader.read(p, None, high, &mut |key, value, _| {
+            let after = self.ends.get(p as usize).map(|end| end - 1).filter(|a| *a >= 0);
+            reader.read(p, after, high, &mut |key, value, _| {
                 let key = Bytes::copy_from_slice(key);
                 match value {
                     Some(v) => raw.insert(key, Bytes::copy_from_slice(v)),
@@ -77,20 +99,27 @@ impl ChangelogSnapshot {
                 };
                 Ok(())
             })?;
+            ends.push(high);
         }
-        let mut snapshot = ChangelogSnapshot {
-            ends,
-            ..Default::default()
-        };
+        self.ends = ends;
+        self.decode()
+    }
+
+    /// Rebuilds the decoded view from the raw keys and values.
+    fn decode(&mut self) -> Result<(), StateError> {
+        let topic = &self.topic;
         let corrupt = |what: String| StateError::Permanent(format!("changelog topic {topic}: {what}"));
-        for (key, value) in raw {
+        self.values.clear();
+        self.progress.clear();
+        (self.inbox, self.timers) = (0, 0);
+        for (key, value) in &self.raw {
             if key.first() == Some(&0) {
                 continue; // the backend's own bookkeeping (a partition's incarnation)
             }
-            match keys::decode(&key).map_err(|e| corrupt(format!("undecodable key: {e}")))? {
+            match keys::decode(key).map_err(|e| corrupt(format!("undecodable key: {e}")))? {
                 Key::State { address, name, .. } => {
-                    let value = decode_value(&value).map_err(|e| corrupt(format!("value of {address}/{name}: {e}")))?;
-                    snapshot.values.entry(address).or_default().insert(name, value);
+                    let value = decode_value(value).map_err(|e| corrupt(format!("value of {address}/{name}: {e}")))?;
+                    self.values.entry(address).or_default().insert(name, value);
                 }
                 Key::Progress { source, .. } => {
                     let offset = value
@@ -98,24 +127,24 @@ impl ChangelogSnapshot {
                         .try_into()
                         .map(u64::from_be_bytes)
                         .map_err(|_| corrupt(format!("progress through {source} is not a u64")))?;
-                    let slot = snapshot.progress.entry(source).or_insert(offset);
+                    let slot = self.progress.entry(source).or_insert(offset);
                     *slot = (*slot).max(offset);
                 }
                 Key::Log {
                     key: LogKey::Inbox { .. },
                     ..
-                } => snapshot.inbox += 1,
+                } => self.inbox += 1,
                 Key::Log {
                     key: LogKey::Timer { .. },
                     ..
-                } => snapshot.timers += 1,
+                } => self.timers += 1,
                 Key::Log {
                     key: LogKey::Egress { .. },
                     ..
                 } => {}
             }
         }
-        Ok(snapshot)
+        Ok(())
     }
 
     /// The value of `spec` at `address`, decoded; `None` when absent or expired.

@@ -177,7 +177,7 @@ async fn egress_is_exactly_once_and_state_restores_from_the_changelog_after_losi
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_changelog_snapshot_reads_the_committed_state_and_the_progress_through_every_source_partition() {
+async fn a_changelog_snapshot_reads_the_committed_state_and_progress_and_a_refresh_reads_only_the_new_commits() {
     let t = Topics::new().await;
     t.produce(0, 100).await;
     let disk = tempfile::tempdir().unwrap();
@@ -212,6 +212,32 @@ async fn a_changelog_snapshot_reads_the_committed_state_and_the_progress_through
     assert_eq!(accepted, 100);
     assert_eq!((snapshot.pending_messages(), snapshot.pending_timers()), (0, 0));
     assert_eq!(snapshot.ends().len(), PARTITIONS as usize);
+
+    // More traffic; a refresh reads only the new commits and shows the new state.
+    t.produce(100, 150).await;
+    let (backend, _) = t.backend(disk.path()).await;
+    t.run_until(backend, 150).await;
+    let before = snapshot.ends().to_vec();
+    let mut snapshot = snapshot;
+    let bootstrap = common::bootstrap();
+    let snapshot =
+        tokio::task::spawn_blocking(move || snapshot.refresh(&bootstrap, Duration::from_secs(30)).map(|()| snapshot))
+            .await
+            .unwrap()
+            .unwrap();
+    assert!(snapshot.ends().iter().zip(&before).all(|(a, b)| a >= b) && snapshot.ends() != before);
+    for k in 0..10 {
+        let address = Address::new(COUNTER, format!("k{k}")).unwrap();
+        assert_eq!(
+            snapshot.state(&address, &SEEN).unwrap(),
+            Some(15),
+            "count of k{k} after the refresh"
+        );
+    }
+    let accepted: i64 = (0..3)
+        .map(|p| snapshot.progress(&t.input, p).map_or(0, |o| o as i64 + 1))
+        .sum();
+    assert_eq!(accepted, 150);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -356,20 +356,30 @@ fn decode_topic<T: ValueType>(brokers: &str, topic: &str) -> anyhow::Result<Vec<
 
 /// Waits until region `region` has finished everything it was given: every record of
 /// its ingress topics accepted, no message waiting in an inbox, no delayed message
-/// pending, and no commit for a second. Returns the state it settled at.
+/// pending, and no commit for a second. Returns the state it settled at. Fails when
+/// the region has work left and commits nothing for `stall_timeout`.
 pub async fn wait_settled(
     brokers: &str,
     topics: &Topics,
     region: &str,
-    timeout: Duration,
+    stall_timeout: Duration,
 ) -> anyhow::Result<ChangelogSnapshot> {
-    let deadline = Instant::now() + timeout;
+    let mut deadline = Instant::now() + stall_timeout;
     let mut previous: Option<Vec<i64>> = None;
+    let mut kept: Option<ChangelogSnapshot> = None;
     loop {
+        // The first read takes the whole changelog; later ones only what was committed since.
         let read = {
             let (brokers, topics, region) = (brokers.to_owned(), topics.clone(), region.to_owned());
+            let kept = kept.take();
             tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-                let snapshot = ChangelogSnapshot::read(&brokers, &topics.changelog(&region), TIMEOUT)?;
+                let snapshot = match kept {
+                    Some(mut s) => {
+                        s.refresh(&brokers, TIMEOUT)?;
+                        s
+                    }
+                    None => ChangelogSnapshot::read(&brokers, &topics.changelog(&region), TIMEOUT)?,
+                };
                 let behind = unconsumed(&brokers, &topics, &region, &snapshot)?;
                 Ok((snapshot, behind))
             })
@@ -381,16 +391,21 @@ pub async fn wait_settled(
             Ok((snapshot, behind)) => {
                 let pending = (behind, snapshot.pending_messages(), snapshot.pending_timers());
                 let ends = snapshot.ends().to_vec();
-                if pending == (0, 0, 0) && previous.as_ref() == Some(&ends) {
-                    return Ok(snapshot);
+                if previous.as_ref() == Some(&ends) {
+                    if pending == (0, 0, 0) {
+                        return Ok(snapshot);
+                    }
+                } else {
+                    deadline = Instant::now() + stall_timeout; // it committed: progress
                 }
                 previous = Some(ends);
+                kept = Some(snapshot);
                 let (b, m, t) = pending;
                 format!("{b} ingress records not accepted, {m} messages in inboxes, {t} delayed messages")
             }
         };
         if Instant::now() > deadline {
-            bail!("region {region} did not settle within {timeout:?}: {busy}");
+            bail!("region {region} made no progress for {stall_timeout:?}: {busy}");
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }

@@ -76,7 +76,8 @@ pub struct KafkaSettings {
     pub instances: usize,
     /// Commit interval of the instances.
     pub commit_interval: Duration,
-    /// How long [`Region::settle`] waits for the region to finish its input.
+    /// How long [`Region::settle`] waits for a region that commits nothing while it has
+    /// work left.
     pub settle_timeout: Duration,
 }
 

@@ -124,8 +124,9 @@ enum Command {
         /// The ledger `generate` wrote.
         #[arg(long)]
         ledger: PathBuf,
-        /// How long to wait for the region to settle, in seconds.
-        #[arg(long, default_value_t = 180)]
+        /// Fail when the region commits nothing for this long (seconds) while it still
+        /// has work.
+        #[arg(long, default_value_t = 60)]
         timeout: u64,
     },
 }
