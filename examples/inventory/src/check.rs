@@ -184,6 +184,20 @@ pub fn check(s: &Snapshot) -> Vec<String> {
     v
 }
 
+/// Prints the verdict on `failures` (the first 20 of them): `invariant check: PASS` or
+/// `FAIL` with what broke. Returns whether it passed.
+pub fn print_verdict(failures: &[String]) -> bool {
+    if failures.is_empty() {
+        println!("invariant check: PASS");
+        return true;
+    }
+    println!("invariant check: FAIL");
+    for f in failures.iter().take(20) {
+        println!("  - {f}");
+    }
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -25,7 +25,7 @@ use clap::{Parser, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use inventory::AppConfig;
 use inventory::analytics::GlobalView;
-use inventory::check::check;
+use inventory::check::{check, print_verdict};
 use inventory::generator::LoadConfig;
 use inventory::kafka::Topics;
 use inventory::region::{KafkaSettings, Region, StateKind};
@@ -270,14 +270,8 @@ async fn main() -> anyhow::Result<()> {
     println!();
     print!("{}", view.render());
     println!("invocations: {invocations}");
-    if failures.is_empty() {
-        println!("invariant check: PASS");
-        Ok(())
-    } else {
-        println!("invariant check: FAIL");
-        for f in failures.iter().take(20) {
-            println!("  - {f}");
-        }
-        bail!("{} invariant violations", failures.len())
+    if !print_verdict(&failures) {
+        bail!("{} invariant violations", failures.len());
     }
+    Ok(())
 }

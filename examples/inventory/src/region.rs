@@ -122,20 +122,26 @@ impl Region {
         let runtime = builder.build()?;
         let handle = runtime.handle();
         let running = tokio::spawn(runtime.run(stop.clone().cancelled_owned()));
+        let mode = Mode::InProcess {
+            handle,
+            orders,
+            windows,
+            alerts,
+            rejected,
+            dead,
+            running,
+        };
+        Region::with_range(load, mode, store.as_ref()).await
+    }
+
+    /// A region in `mode` that has been sent its product range (images into `store`).
+    async fn with_range(load: LoadConfig, mode: Mode, store: &dyn object_store::ObjectStore) -> anyhow::Result<Region> {
         let mut region = Region {
             name: load.region.clone(),
             generator: Generator::new(load),
-            mode: Mode::InProcess {
-                handle,
-                orders,
-                windows,
-                alerts,
-                rejected,
-                dead,
-                running,
-            },
+            mode,
         };
-        for e in region.generator.setup(store.as_ref()).await? {
+        for e in region.generator.setup(store).await? {
             region.send(e).await?;
         }
         Ok(region)
@@ -173,19 +179,12 @@ impl Region {
             })
             .collect();
         let feed = Feed::new(&settings.brokers, &settings.topics, &name, partitions)?;
-        let mut region = Region {
-            name,
-            generator: Generator::new(load),
-            mode: Mode::Kafka {
-                settings,
-                feed,
-                instances,
-            },
+        let mode = Mode::Kafka {
+            settings,
+            feed,
+            instances,
         };
-        for e in region.generator.setup(store.as_ref()).await? {
-            region.send(e).await?;
-        }
-        Ok(region)
+        Region::with_range(load, mode, store.as_ref()).await
     }
 
     async fn send(&self, e: Event) -> anyhow::Result<()> {
@@ -309,7 +308,9 @@ impl Region {
     }
 }
 
-async fn states<T: ValueType>(
+/// The values of `spec` at the functions `t`/`ids` that have one, read through the
+/// runtime's state queries.
+pub async fn states<T: ValueType>(
     h: &RuntimeHandle,
     t: &TypeName,
     ids: &[String],

@@ -1,6 +1,7 @@
 //! `inventory-check FILE...`: checks the business invariants of region snapshots
 //! (written by `inventory-demo --snapshot-dir DIR`). Prints PASS, or FAIL with every
-//! broken invariant (exit code 1); a file that cannot be read is an error (exit 2).
+//! broken invariant (exit code 1); a file that cannot be read is an error (exit 2, after
+//! the other files were checked).
 
 use std::process::ExitCode;
 
@@ -12,7 +13,7 @@ fn main() -> ExitCode {
         eprintln!("usage: inventory-check SNAPSHOT.json... (written by inventory-demo --snapshot-dir DIR)");
         return ExitCode::from(2);
     }
-    let mut failed = false;
+    let (mut failed, mut unreadable) = (false, false);
     for f in &files {
         let snapshot: Snapshot = match std::fs::read(f)
             .map_err(|e| e.to_string())
@@ -21,7 +22,8 @@ fn main() -> ExitCode {
             Ok(s) => s,
             Err(e) => {
                 eprintln!("{f}: cannot read the snapshot: {e}");
-                return ExitCode::from(2);
+                unreadable = true;
+                continue;
             }
         };
         let violations = check(&snapshot);
@@ -35,5 +37,9 @@ fn main() -> ExitCode {
             }
         }
     }
-    if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS }
+    match (unreadable, failed) {
+        (true, _) => ExitCode::from(2),
+        (false, true) => ExitCode::FAILURE,
+        (false, false) => ExitCode::SUCCESS,
+    }
 }

@@ -23,8 +23,9 @@ use std::time::Duration;
 use anyhow::Context as _;
 use bytes::Bytes;
 use clap::Parser;
-use inventory::check::{Snapshot, check};
+use inventory::check::{Snapshot, check, print_verdict};
 use inventory::generator::{Event, Generator, LoadConfig};
+use inventory::region::states;
 use inventory::*;
 use object_store::local::LocalFileSystem;
 use statefun_runtime::egress::{DeadLetter, DeadLetterSink, Egress, EgressRecord, Error as EgressError};
@@ -32,8 +33,8 @@ use statefun_runtime::ingress::{
     Error as IngressError, Ingress, IngressRecord, IngressSink, RouteError, Routed, Router,
 };
 use statefun_runtime::state::RocksDbBackend;
-use statefun_runtime::{GeneratorIngress, Runtime, RuntimeConfig, RuntimeHandle};
-use statefun_sdk::{Address, TypeName, TypedValue, ValueSpec, ValueType};
+use statefun_runtime::{GeneratorIngress, Runtime, RuntimeConfig};
+use statefun_sdk::{Address, TypedValue, ValueType};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser, Debug)]
@@ -168,21 +169,6 @@ fn read_egress<T: ValueType>(path: &Path) -> anyhow::Result<Vec<T>> {
         .collect()
 }
 
-async fn states<T: ValueType>(
-    h: &RuntimeHandle,
-    t: &TypeName,
-    ids: &[String],
-    spec: &ValueSpec<T>,
-) -> anyhow::Result<BTreeMap<String, T>> {
-    let mut out = BTreeMap::new();
-    for id in ids {
-        if let Some(v) = h.state(&Address::new(t.clone(), id)?, spec).await? {
-            out.insert(id.clone(), v);
-        }
-    }
-    Ok(out)
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -271,14 +257,8 @@ async fn main() -> anyhow::Result<()> {
         snapshot.windows.len(),
         snapshot.rejected.len()
     );
-    if failures.is_empty() {
-        println!("invariant check: PASS");
-        Ok(())
-    } else {
-        println!("invariant check: FAIL");
-        for f in failures.iter().take(20) {
-            println!("  - {f}");
-        }
-        std::process::exit(1)
+    if !print_verdict(&failures) {
+        std::process::exit(1);
     }
+    Ok(())
 }

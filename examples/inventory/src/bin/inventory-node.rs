@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use inventory::AppConfig;
-use inventory::check::check;
+use inventory::check::{check, print_verdict};
 use inventory::generator::{Generator, Ledger, LoadConfig};
 use inventory::kafka::{Feed, InstanceConfig, Topics, create_topics, follow_analytics, read_snapshot, wait_settled};
 use object_store::local::LocalFileSystem;
@@ -271,13 +271,7 @@ async fn main() -> anyhow::Result<()> {
                 snapshot.windows.len(),
                 snapshot.rejected.len()
             );
-            if failures.is_empty() {
-                println!("invariant check: PASS");
-            } else {
-                println!("invariant check: FAIL");
-                for f in failures.iter().take(20) {
-                    println!("  - {f}");
-                }
+            if !print_verdict(&failures) {
                 std::process::exit(1);
             }
         }
