@@ -93,9 +93,7 @@ impl Region {
         dir: &Path,
         stop: &CancellationToken,
     ) -> anyhow::Result<Region> {
-        let images = dir.join("objects");
-        std::fs::create_dir_all(&images)?;
-        let store: Arc<dyn object_store::ObjectStore> = Arc::new(LocalFileSystem::new_with_prefix(&images)?);
+        let store = local_object_store(&dir.join("objects"))?;
         let (orders, windows, alerts, rejected) = (
             CollectingEgress::new(),
             CollectingEgress::new(),
@@ -159,9 +157,7 @@ impl Region {
         dir: &Path,
         stop: &CancellationToken,
     ) -> anyhow::Result<Region> {
-        let images = dir.join("objects");
-        std::fs::create_dir_all(&images)?;
-        let store: Arc<dyn object_store::ObjectStore> = Arc::new(LocalFileSystem::new_with_prefix(&images)?);
+        let store = local_object_store(&dir.join("objects"))?;
         let name = load.region.clone();
         create_topics(&settings.brokers, &settings.topics, &name, partitions).await?;
         let instances = (0..settings.instances)
@@ -306,6 +302,13 @@ impl Region {
             }
         }
     }
+}
+
+/// A local-filesystem object store rooted at `dir` (created if missing): where the demo
+/// and the example deployment keep product images and their renditions.
+pub fn local_object_store(dir: &Path) -> anyhow::Result<Arc<dyn object_store::ObjectStore>> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    Ok(Arc::new(LocalFileSystem::new_with_prefix(dir)?))
 }
 
 /// The values of `spec` at the functions `t`/`ids` that have one, read through the

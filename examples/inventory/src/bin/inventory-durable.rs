@@ -25,9 +25,8 @@ use bytes::Bytes;
 use clap::Parser;
 use inventory::check::{Snapshot, check, print_verdict};
 use inventory::generator::{Event, Generator, LoadConfig};
-use inventory::region::states;
+use inventory::region::{local_object_store, states};
 use inventory::*;
-use object_store::local::LocalFileSystem;
 use statefun_runtime::egress::{DeadLetter, DeadLetterSink, Egress, EgressRecord, Error as EgressError};
 use statefun_runtime::ingress::{
     Error as IngressError, Ingress, IngressRecord, IngressSink, RouteError, Routed, Router,
@@ -175,9 +174,7 @@ async fn main() -> anyhow::Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .init();
     let args = Args::parse();
-    std::fs::create_dir_all(args.dir.join("objects"))?;
-    let store: Arc<dyn object_store::ObjectStore> =
-        Arc::new(LocalFileSystem::new_with_prefix(args.dir.join("objects"))?);
+    let store = local_object_store(&args.dir.join("objects"))?;
 
     // The whole traffic, the same on every run: the source replays it from any offset.
     let mut load = LoadConfig::new("north", args.seed);

@@ -21,7 +21,6 @@
 //! example's README).
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -30,7 +29,7 @@ use inventory::AppConfig;
 use inventory::check::{check, print_verdict};
 use inventory::generator::{Generator, Ledger, LoadConfig};
 use inventory::kafka::{Feed, InstanceConfig, Topics, create_topics, follow_analytics, read_snapshot, wait_settled};
-use object_store::local::LocalFileSystem;
+use inventory::region::local_object_store;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser, Debug)]
@@ -147,11 +146,6 @@ fn shutdown_signal() -> CancellationToken {
     stop
 }
 
-fn object_store(dir: &PathBuf) -> anyhow::Result<Arc<dyn object_store::ObjectStore>> {
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    Ok(Arc::new(LocalFileSystem::new_with_prefix(dir)?))
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -184,7 +178,8 @@ async fn main() -> anyhow::Result<()> {
                 state_dir,
                 commit_interval: Duration::from_millis(commit_interval_ms),
             };
-            let report = inventory::kafka::run_instance(config, object_store(&objects)?, shutdown_signal()).await?;
+            let report =
+                inventory::kafka::run_instance(config, local_object_store(&objects)?, shutdown_signal()).await?;
             tracing::info!(generations = report.generations, "instance stopped");
         }
         Command::Generate {
@@ -207,7 +202,7 @@ async fn main() -> anyhow::Result<()> {
             load.bad_ratio = bad_ratio;
             load.validate().map_err(|e| anyhow::anyhow!("invalid load: {e}"))?;
             let mut generator = Generator::new(load);
-            for e in generator.setup(object_store(&objects)?.as_ref()).await? {
+            for e in generator.setup(local_object_store(&objects)?.as_ref()).await? {
                 feed.send(&e).await?;
             }
             let started = Instant::now();
@@ -260,7 +255,7 @@ async fn main() -> anyhow::Result<()> {
         } => {
             let bytes = std::fs::read(&ledger).with_context(|| format!("cannot read {}", ledger.display()))?;
             let ledger: Ledger =
-                serde_json::from_slice(&bytes).with_context(|| format!("{} is not a ledger", args.brokers))?;
+                serde_json::from_slice(&bytes).with_context(|| format!("{} is not a ledger", ledger.display()))?;
             let state = wait_settled(&args.brokers, &topics, &region, Duration::from_secs(timeout)).await?;
             let snapshot = read_snapshot(&args.brokers, &topics, &region, &state, ledger).await?;
             let failures = check(&snapshot);
