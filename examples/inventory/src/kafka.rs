@@ -126,6 +126,22 @@ pub async fn create_topics(brokers: &str, topics: &Topics, region: &str, partiti
             Err((t, e)) => bail!("cannot create topic {t}: {e}"),
         }
     }
+    // Topics that existed must line up with the runtime's partitions: the generator puts
+    // each record in the partition of its address.
+    let consumer: BaseConsumer = ClientConfig::new().set("bootstrap.servers", brokers).create()?;
+    for t in &ingress {
+        let md = consumer.fetch_metadata(Some(t), TIMEOUT)?;
+        let n = md
+            .topics()
+            .iter()
+            .find(|m| m.name() == t)
+            .map_or(0, |m| m.partitions().len());
+        if n != partitions as usize {
+            bail!(
+                "topic {t} has {n} partitions, but region {region} runs {partitions}: use the same --partitions everywhere"
+            );
+        }
+    }
     Ok(())
 }
 
