@@ -1,7 +1,8 @@
 //! StateFun's remote-function protocol for statefun-rs: the request-reply messages
 //! (`io.statefun.sdk.reqreply`) and the egress record types (`io.statefun.sdk.egress`),
 //! generated from this crate's own `.proto` files, plus conversions to and from the
-//! SDK's [`Address`] and [`TypedValue`].
+//! SDK's [`Address`] and [`TypedValue`]; and StateFun's module format ([`module`]:
+//! `module.yaml` endpoints, Kafka ingresses and egresses).
 //!
 //! Why it exists: functions written against Apache Flink StateFun's SDKs (Python, Java,
 //! Go, JavaScript) speak this protocol over HTTP; the runtime's remote-function
@@ -24,6 +25,8 @@
 
 use bytes::Bytes;
 use statefun_sdk::{Address, TypeName, TypedValue};
+
+pub mod module;
 
 /// The request-reply messages (package `io.statefun.sdk.reqreply`).
 #[allow(missing_docs, clippy::all)]
