@@ -93,6 +93,20 @@ impl Default for Topics {
 /// How long Kafka calls may block.
 const TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How many partitions `topic` has; an error if it does not exist.
+fn partition_count<C: rdkafka::consumer::ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    topic: &str,
+) -> anyhow::Result<i32> {
+    let md = consumer
+        .fetch_metadata(Some(topic), TIMEOUT)
+        .with_context(|| format!("cannot read the metadata of {topic}"))?;
+    match md.topics().iter().find(|t| t.name() == topic && t.error().is_none()) {
+        Some(t) if !t.partitions().is_empty() => Ok(t.partitions().len() as i32),
+        _ => bail!("topic {topic} does not exist"),
+    }
+}
+
 /// Creates the topics of `region` (and the shared analytics topics) unless they exist.
 /// The ingress topics get `partitions` partitions, one per runtime partition.
 pub async fn create_topics(brokers: &str, topics: &Topics, region: &str, partitions: u32) -> anyhow::Result<()> {
@@ -130,13 +144,8 @@ pub async fn create_topics(brokers: &str, topics: &Topics, region: &str, partiti
     // each record in the partition of its address.
     let consumer: BaseConsumer = ClientConfig::new().set("bootstrap.servers", brokers).create()?;
     for t in &ingress {
-        let md = consumer.fetch_metadata(Some(t), TIMEOUT)?;
-        let n = md
-            .topics()
-            .iter()
-            .find(|m| m.name() == t)
-            .map_or(0, |m| m.partitions().len());
-        if n != partitions as usize {
+        let n = partition_count(&consumer, t)?;
+        if n != partitions as i32 {
             bail!(
                 "topic {t} has {n} partitions, but region {region} runs {partitions}: use the same --partitions everywhere"
             );
@@ -315,17 +324,7 @@ pub fn read_topic(brokers: &str, topic: &str) -> anyhow::Result<Vec<Vec<u8>>> {
         .set("isolation.level", "read_committed")
         .create()
         .context("cannot create a consumer")?;
-    let md = consumer
-        .fetch_metadata(Some(topic), TIMEOUT)
-        .with_context(|| format!("cannot read the metadata of {topic}"))?;
-    let partitions = md
-        .topics()
-        .iter()
-        .find(|t| t.name() == topic && t.error().is_none())
-        .map_or(0, |t| t.partitions().len() as i32);
-    if partitions == 0 {
-        bail!("topic {topic} does not exist");
-    }
+    let partitions = partition_count(&consumer, topic)?;
     let mut tpl = TopicPartitionList::new();
     let mut ends = Vec::new();
     for p in 0..partitions {
@@ -435,13 +434,8 @@ fn unconsumed(brokers: &str, topics: &Topics, region: &str, snapshot: &Changelog
         topics.region(region, "warehouse-updates"),
         topics.region(region, "pos-events"),
     ] {
-        let md = consumer.fetch_metadata(Some(&t), TIMEOUT)?;
-        let partitions = md
-            .topics()
-            .iter()
-            .find(|m| m.name() == t)
-            .map_or(0, |m| m.partitions().len());
-        for p in 0..partitions as i32 {
+        let partitions = partition_count(&consumer, &t)?;
+        for p in 0..partitions {
             let (_, high) = consumer.fetch_watermarks(&t, p, TIMEOUT)?;
             let accepted = snapshot.progress(&t, p).map_or(0, |o| o as i64 + 1);
             behind += (high - accepted).max(0);
@@ -520,13 +514,15 @@ pub async fn follow_analytics(
         // The view is rebuilt from the start of the topics: assign, not subscribe.
         let mut tpl = TopicPartitionList::new();
         for t in [&orders, &windows] {
-            let md = consumer.fetch_metadata(Some(t), TIMEOUT)?;
-            let n = md
-                .topics()
-                .iter()
-                .find(|m| m.name() == t)
-                .map_or(0, |m| m.partitions().len());
-            for p in 0..n as i32 {
+            // The regions create the topics: wait for them.
+            let n = loop {
+                match partition_count(&consumer, t) {
+                    Ok(n) => break n,
+                    Err(_) if !stop.is_cancelled() => std::thread::sleep(Duration::from_secs(1)),
+                    Err(e) => return Err(e),
+                }
+            };
+            for p in 0..n {
                 tpl.add_partition_offset(t, p, Offset::Beginning)?;
             }
         }
