@@ -42,3 +42,7 @@ fi
 
 # The test broker (pinned noida-db in a virtualenv); quick when already installed.
 "$(dirname "$0")/broker" install
+
+# The StateFun Python SDK (pinned, in a virtualenv) for the remote-function
+# compatibility tests.
+"$(dirname "$0")/statefun-python" install

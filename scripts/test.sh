@@ -22,6 +22,13 @@ if [[ -z "${STATEFUN_KAFKA_BOOTSTRAP:-}" ]]; then
 fi
 echo "broker at $STATEFUN_KAFKA_BOOTSTRAP"
 
+step "StateFun Python SDK for the compatibility tests (scripts/statefun-python; set STATEFUN_PYTHON to use your own)"
+if [[ -z "${STATEFUN_PYTHON:-}" ]]; then
+  STATEFUN_PYTHON="$(scripts/statefun-python path)"
+  export STATEFUN_PYTHON
+fi
+echo "python at $STATEFUN_PYTHON"
+
 # Every build below links the RocksDB library this target directory compiled before, if
 # there is one (scripts/reuse-rocksdb): a change of a feature of a shared dependency
 # (e.g. libc's) would otherwise recompile RocksDB's C++ (~20 min on 2 cores). On a fresh
