@@ -1,7 +1,8 @@
 """A function written with the apache-flink-statefun Python SDK (3.3.0), served over
 HTTP the way StateFun's docs show (standard library server instead of aiohttp): the
 live counterpart of the golden bytes, for statefun-protocol/tests/python_sdk_live.rs.
-Binds 127.0.0.1 on a free port, prints the port on stdout, serves until stdin closes.
+Run as a script: binds 127.0.0.1 on a free port, prints the port on stdout, serves until
+stdin closes. statefun_sdk_probe.py imports the function and the handler from here.
 """
 import sys, threading
 from datetime import timedelta
@@ -54,7 +55,8 @@ class Handler(BaseHTTPRequestHandler):
         pass
 
 
-server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-print(server.server_address[1], flush=True)
-threading.Thread(target=server.serve_forever, daemon=True).start()
-sys.stdin.read()  # until the test closes stdin (or dies)
+if __name__ == "__main__":
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    print(server.server_address[1], flush=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    sys.stdin.read()  # until the test closes stdin (or dies)

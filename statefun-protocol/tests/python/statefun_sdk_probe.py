@@ -4,56 +4,15 @@ statefun-protocol/tests/python_sdk_golden.rs. Usage (docs/protocol.md):
   python3 -m venv /tmp/sfvenv && /tmp/sfvenv/bin/pip install apache-flink-statefun==3.3.0
   /tmp/sfvenv/bin/python statefun-protocol/tests/python/statefun_sdk_probe.py
 """
-import json, sys, threading, urllib.request
-from datetime import timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import threading, urllib.request
+from http.server import ThreadingHTTPServer
 
-from statefun import (StatefulFunctions, RequestReplyHandler, Context, Message, ValueSpec,
-                      IntType, StringType, make_json_type, message_builder, kafka_egress_message)
-from statefun.request_reply_pb2 import ToFunction, FromFunction, TypedValue, Address
+from statefun.request_reply_pb2 import ToFunction, FromFunction
 from statefun import types_pb2
 
-UserType = make_json_type("com.example/User")          # custom JSON type
+from greeter_server import Handler, UserType  # the function under test
 
-functions = StatefulFunctions()
-
-@functions.bind(typename="com.example/greeter",
-                specs=[ValueSpec(name="seen_count", type=IntType),
-                       ValueSpec(name="profile", type=UserType,
-                                 expire_after_write=timedelta(minutes=5))])
-def greeter(ctx: Context, message: Message):
-    name = message.as_string()
-    seen = ctx.storage.seen_count or 0
-    seen += 1
-    ctx.storage.seen_count = seen
-    ctx.storage.profile = {"name": name, "seen": seen}
-    # plain outgoing message
-    ctx.send(message_builder(target_typename="com.example/printer", target_id=name,
-                             str_value=f"Hello {name} #{seen}"))
-    # delayed message with a cancellation token, then cancel it
-    ctx.send_after(timedelta(seconds=2),
-                   message_builder(target_typename="com.example/greeter", target_id=name, int_value=7),
-                   cancellation_token="tok-1")
-    ctx.cancel_delayed_message("tok-1")
-    # Kafka egress record
-    ctx.send_egress(kafka_egress_message(typename="com.example/out", topic="greetings",
-                                         key=name, value=f"hi {name}"))
-
-handler = RequestReplyHandler(functions)
-
-class H(BaseHTTPRequestHandler):
-    def do_POST(self):
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        out = handler.handle_sync(body)
-        self.send_response(200)
-        self.send_header("Content-Type", "application/octet-stream")
-        self.send_header("Content-Length", str(len(out)))
-        self.end_headers()
-        self.wfile.write(out)
-    def log_message(self, *a):
-        pass
-
-srv = ThreadingHTTPServer(("127.0.0.1", 0), H)
+srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
 port = srv.server_address[1]
 threading.Thread(target=srv.serve_forever, daemon=True).start()
 URL = f"http://127.0.0.1:{port}/statefun"
