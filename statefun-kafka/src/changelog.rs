@@ -158,7 +158,7 @@ impl std::fmt::Debug for KafkaChangelog {
 
 /// Maps a Kafka error of a transactional call: fatal errors (a fenced producer, an
 /// unrecoverable state) are permanent, the rest transient.
-pub(crate) fn state_error(what: &str, e: &KafkaError) -> StateError {
+fn state_error(what: &str, e: &KafkaError) -> StateError {
     let fatal = match e {
         KafkaError::Transaction(t) => t.is_fatal(),
         _ => false,
@@ -454,12 +454,12 @@ impl Changelog for KafkaChangelog {
         apply: &mut dyn FnMut(Vec<RawOp>, i64) -> Result<(), StateError>,
     ) -> Result<(), StateError> {
         const CHUNK: usize = 4096;
-        let reader = PartitionReader {
-            bootstrap_servers: &self.config.bootstrap_servers,
-            group: format!("{}-restore", self.config.transactional_id),
-            topic: &self.config.topic,
-            timeout: self.config.timeout,
-        };
+        let reader = PartitionReader::new(
+            &self.config.bootstrap_servers,
+            format!("{}-restore", self.config.transactional_id),
+            &self.config.topic,
+            self.config.timeout,
+        )?;
         let p = partition.0 as i32;
         let high = reader.end(p)?;
         let start = after.map_or(0, |a| a + 1);
@@ -494,28 +494,60 @@ impl Changelog for KafkaChangelog {
     }
 }
 
+fn client(bootstrap_servers: &str, group: &str, isolation: &str) -> Result<BaseConsumer, StateError> {
+    ClientConfig::new()
+        .set("bootstrap.servers", bootstrap_servers)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", isolation)
+        // A start below the log start (records deleted) must fail, not skip.
+        .set("auto.offset.reset", "error")
+        .create()
+        .map_err(|e| state_error("cannot create the changelog reader", &e))
+}
+
 /// Called with (key, value, offset) of each record a [`PartitionReader`] reads.
 pub(crate) type OnRecord<'a> = dyn FnMut(&[u8], Option<&[u8]>, i64) -> Result<(), StateError> + 'a;
 
-/// Reads one partition of a changelog topic, committed records only.
+/// Reads the partitions of a changelog topic, committed records only.
 pub(crate) struct PartitionReader<'a> {
-    pub(crate) bootstrap_servers: &'a str,
-    pub(crate) group: String,
-    pub(crate) topic: &'a str,
-    pub(crate) timeout: Duration,
+    bootstrap_servers: &'a str,
+    group: String,
+    topic: &'a str,
+    timeout: Duration,
+    /// Asks for ends and metadata (read_uncommitted: see [`PartitionReader::end`]).
+    meta: BaseConsumer,
 }
 
-impl PartitionReader<'_> {
-    fn client(&self, isolation: &str) -> Result<BaseConsumer, StateError> {
-        ClientConfig::new()
-            .set("bootstrap.servers", self.bootstrap_servers)
-            .set("group.id", &self.group)
-            .set("enable.auto.commit", "false")
-            .set("isolation.level", isolation)
-            // A start below the log start (records deleted) must fail, not skip.
-            .set("auto.offset.reset", "error")
-            .create()
-            .map_err(|e| state_error("cannot create the changelog reader", &e))
+impl<'a> PartitionReader<'a> {
+    pub(crate) fn new(
+        bootstrap_servers: &'a str,
+        group: String,
+        topic: &'a str,
+        timeout: Duration,
+    ) -> Result<PartitionReader<'a>, StateError> {
+        let meta = client(bootstrap_servers, &group, "read_uncommitted")?;
+        Ok(PartitionReader {
+            bootstrap_servers,
+            group,
+            topic,
+            timeout,
+            meta,
+        })
+    }
+
+    /// How many partitions the topic has; an error if it does not exist.
+    pub(crate) fn partitions(&self) -> Result<usize, StateError> {
+        let md = self
+            .meta
+            .fetch_metadata(Some(self.topic), self.timeout)
+            .map_err(|e| state_error("cannot read the changelog's metadata", &e))?;
+        md.topics()
+            .iter()
+            .find(|t| t.name() == self.topic && t.error().is_none())
+            .map(|t| t.partitions().len())
+            .filter(|n| *n > 0)
+            .ok_or_else(|| StateError::Permanent(format!("changelog topic {} does not exist", self.topic)))
     }
 
     /// The end to read to: the high watermark. A read_committed client's watermark query
@@ -524,7 +556,7 @@ impl PartitionReader<'_> {
     /// committed transaction.
     pub(crate) fn end(&self, partition: i32) -> Result<i64, StateError> {
         let (_, high) = self
-            .client("read_uncommitted")?
+            .meta
             .fetch_watermarks(self.topic, partition, self.timeout)
             .map_err(|e| state_error("cannot read the changelog's end", &e))?;
         Ok(high)
@@ -543,7 +575,7 @@ impl PartitionReader<'_> {
         if start >= high {
             return Ok(());
         }
-        let consumer = self.client("read_committed")?;
+        let consumer = client(self.bootstrap_servers, &self.group, "read_committed")?;
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(
             self.topic,

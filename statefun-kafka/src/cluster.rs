@@ -167,7 +167,13 @@ impl KafkaClusterConfig {
 
     /// The changelog topic.
     pub fn changelog_topic(&self) -> String {
-        format!("{}-changelog", self.application_id)
+        KafkaClusterConfig::changelog_topic_of(&self.application_id)
+    }
+
+    /// The changelog topic of application `application_id` (for readers of its state,
+    /// such as [`ChangelogSnapshot`](crate::ChangelogSnapshot)).
+    pub fn changelog_topic_of(application_id: &str) -> String {
+        format!("{application_id}-changelog")
     }
 }
 

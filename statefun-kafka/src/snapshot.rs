@@ -18,14 +18,12 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use bytes::Bytes;
-use rdkafka::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use statefun_runtime::ingress::source_name;
 use statefun_runtime::state::keys::{self, Key};
 use statefun_runtime::state::{Error as StateError, LogKey, StoredValue, rocksdb::decode_value};
 use statefun_sdk::{Address, CodecError, TypeName, ValueSpec, ValueType};
 
-use crate::changelog::{PartitionReader, state_error};
+use crate::changelog::PartitionReader;
 
 /// The committed state in a changelog topic (module docs).
 #[derive(Debug, Clone, Default)]
@@ -59,33 +57,14 @@ impl ChangelogSnapshot {
     /// Only the new records are read. Blocking, like [`ChangelogSnapshot::read`].
     pub fn refresh(&mut self, bootstrap_servers: &str, timeout: Duration) -> Result<(), StateError> {
         let topic = self.topic.clone();
-        let metadata: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", bootstrap_servers)
-            .create()
-            .map_err(|e| state_error("cannot create the metadata client", &e))?;
-        let md = metadata
-            .fetch_metadata(Some(&topic), timeout)
-            .map_err(|e| state_error("cannot read the changelog's metadata", &e))?;
-        let partitions = md
-            .topics()
-            .iter()
-            .find(|t| t.name() == topic && t.error().is_none())
-            .map_or(0, |t| t.partitions().len());
-        if partitions == 0 {
-            return Err(StateError::Permanent(format!("changelog topic {topic} does not exist")));
-        }
+        let reader = PartitionReader::new(bootstrap_servers, format!("{topic}-snapshot"), &topic, timeout)?;
+        let partitions = reader.partitions()?;
         if !self.ends.is_empty() && self.ends.len() != partitions {
             return Err(StateError::Permanent(format!(
                 "changelog topic {topic} has {partitions} partitions, it had {}",
                 self.ends.len()
             )));
         }
-        let reader = PartitionReader {
-            bootstrap_servers,
-            group: format!("{topic}-snapshot"),
-            topic: &topic,
-            timeout,
-        };
         let raw = &mut self.raw;
         let mut ends = Vec::with_capacity(partitions);
         for p in 0..partitions as i32 {

@@ -80,7 +80,7 @@ impl Topics {
 
     /// The changelog topic of region `region`.
     pub fn changelog(&self, region: &str) -> String {
-        format!("{}-changelog", self.application(region))
+        KafkaClusterConfig::changelog_topic_of(&self.application(region))
     }
 }
 
@@ -372,16 +372,18 @@ fn decode_topic<T: ValueType>(brokers: &str, topic: &str) -> anyhow::Result<Vec<
 /// Waits until region `region` has finished everything it was given: every record of
 /// its ingress topics accepted, no message waiting in an inbox, no delayed message
 /// pending, and no commit for a second. Returns the state it settled at. Fails when
-/// the region has work left and commits nothing for `stall_timeout`.
+/// the region has work left and commits nothing for `stall_timeout`. `from`, a state an
+/// earlier call returned, is refreshed instead of reading the changelog again.
 pub async fn wait_settled(
     brokers: &str,
     topics: &Topics,
     region: &str,
     stall_timeout: Duration,
+    from: Option<ChangelogSnapshot>,
 ) -> anyhow::Result<ChangelogSnapshot> {
     let mut deadline = Instant::now() + stall_timeout;
     let mut previous: Option<Vec<i64>> = None;
-    let mut kept: Option<ChangelogSnapshot> = None;
+    let mut kept = from;
     loop {
         // The first read takes the whole changelog; later ones only what was committed since.
         let read = {

@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -26,7 +26,7 @@ use crate::kafka::{
     Feed, InstanceConfig, Topics, create_topics, read_snapshot, read_topic, run_instance, wait_settled,
 };
 use crate::*;
-use statefun_kafka::ClusterReport;
+use statefun_kafka::{ChangelogSnapshot, ClusterReport};
 
 /// Where a region keeps its function state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,6 +62,8 @@ enum Mode {
         settings: KafkaSettings,
         feed: Feed,
         instances: Vec<JoinHandle<anyhow::Result<ClusterReport>>>,
+        /// The state the region last settled at: the next wait refreshes it.
+        settled: Mutex<Option<Box<ChangelogSnapshot>>>,
     },
 }
 
@@ -179,6 +181,7 @@ impl Region {
             settings,
             feed,
             instances,
+            settled: Mutex::new(None),
         };
         Region::with_range(load, mode, store.as_ref()).await
     }
@@ -238,11 +241,12 @@ impl Region {
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             },
-            Mode::Kafka { settings, feed, .. } => {
-                feed.flush()?;
-                wait_settled(&settings.brokers, &settings.topics, &self.name, settings.settle_timeout).await?;
-                Ok(())
-            }
+            Mode::Kafka {
+                settings,
+                feed,
+                settled,
+                ..
+            } => settle_on_kafka(&self.name, settings, feed, settled).await.map(drop),
         }
     }
 
@@ -268,11 +272,14 @@ impl Region {
                 dead_letters: dead.letters().len(),
                 ledger,
             }),
-            Mode::Kafka { settings, feed, .. } => {
-                feed.flush()?;
-                let (b, t) = (&settings.brokers, &settings.topics);
-                let state = wait_settled(b, t, &self.name, settings.settle_timeout).await?;
-                read_snapshot(b, t, &self.name, &state, ledger).await
+            Mode::Kafka {
+                settings,
+                feed,
+                settled,
+                ..
+            } => {
+                let state = settle_on_kafka(&self.name, settings, feed, settled).await?;
+                read_snapshot(&settings.brokers, &settings.topics, &self.name, &state, ledger).await
             }
         }
     }
@@ -302,6 +309,21 @@ impl Region {
             }
         }
     }
+}
+
+/// Flushes the generator's records and waits until region `name` settled on Kafka;
+/// returns its state then, and keeps it in `settled` for the next wait to refresh.
+async fn settle_on_kafka(
+    name: &str,
+    settings: &KafkaSettings,
+    feed: &Feed,
+    settled: &Mutex<Option<Box<ChangelogSnapshot>>>,
+) -> anyhow::Result<ChangelogSnapshot> {
+    feed.flush()?;
+    let from = settled.lock().expect("settled lock").take().map(|s| *s);
+    let state = wait_settled(&settings.brokers, &settings.topics, name, settings.settle_timeout, from).await?;
+    *settled.lock().expect("settled lock") = Some(Box::new(state.clone()));
+    Ok(state)
 }
 
 /// A local-filesystem object store rooted at `dir` (created if missing): where the demo

@@ -256,7 +256,7 @@ async fn main() -> anyhow::Result<()> {
             let bytes = std::fs::read(&ledger).with_context(|| format!("cannot read {}", ledger.display()))?;
             let ledger: Ledger =
                 serde_json::from_slice(&bytes).with_context(|| format!("{} is not a ledger", ledger.display()))?;
-            let state = wait_settled(&args.brokers, &topics, &region, Duration::from_secs(timeout)).await?;
+            let state = wait_settled(&args.brokers, &topics, &region, Duration::from_secs(timeout), None).await?;
             let snapshot = read_snapshot(&args.brokers, &topics, &region, &state, ledger).await?;
             let failures = check(&snapshot);
             println!(
