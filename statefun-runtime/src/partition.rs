@@ -30,8 +30,8 @@ use futures::StreamExt;
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use statefun_sdk::{
-    Address, Context, DelayedEffect, Effects, EgressMessage, Expiration, StateSpec, StatefulFunction, TypeName,
-    TypedValue,
+    Address, BatchError, Context, DelayedEffect, Effects, EgressMessage, Expiration, Invocation, StateSpec,
+    StatefulFunction, TypeName, TypedValue,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -40,7 +40,7 @@ use tokio_util::sync::CancellationToken;
 use crate::egress::{DeadLetter, DeadLetterReason, EgressId, EgressRecord};
 use crate::metrics;
 use crate::partitioner::PartitionId;
-use crate::runtime::{Envelope, Shared};
+use crate::runtime::{Envelope, QueryError, Shared};
 use crate::state::entries::{self, StoredTimer};
 use crate::state::{self, LogKey, LogKind, LogOp, PartitionStore, StoredValue, WriteBatch, WriteOp};
 use crate::timers::{Timer, Timers};
@@ -55,8 +55,8 @@ const MAX_SLEEP: std::time::Duration = std::time::Duration::from_secs(3600);
 pub(crate) enum Control {
     GetState {
         address: Address,
-        name: Arc<str>,
-        reply: oneshot::Sender<Result<Option<Bytes>, state::Error>>,
+        name: String,
+        reply: oneshot::Sender<Result<Option<Bytes>, QueryError>>,
     },
     Unpark {
         address: Address,
@@ -113,6 +113,22 @@ struct LocalFunction {
     has_notify: bool,
 }
 
+impl LocalFunction {
+    fn new(states: Arc<[StateSpec]>, function: Arc<Arc<dyn StatefulFunction>>) -> LocalFunction {
+        LocalFunction {
+            has_after_call: states.iter().any(|s| matches!(s.expiration, Expiration::AfterCall(_))),
+            has_expiry: states.iter().any(|s| s.expiration != Expiration::None),
+            has_notify: states.iter().any(|s| s.notify_on_expire),
+            states,
+            function,
+        }
+    }
+}
+
+/// Most states one function type may register through the handshake (a bound against a
+/// function that keeps asking for new names).
+const MAX_STATES_PER_FUNCTION: usize = 1024;
+
 struct Mailbox {
     queue: VecDeque<Envelope>,
     /// Failed attempts of the message at the head of the queue.
@@ -139,7 +155,14 @@ struct Completion {
     expired: Vec<Arc<str>>,
     /// The function declares state with expiry notices.
     notify: bool,
-    outcome: Result<(Effects, Touched), Failure>,
+    outcome: Outcome,
+}
+
+enum Outcome {
+    Done(Effects, Touched),
+    Failed(Failure),
+    /// The function asked for states its type has not registered (the handshake).
+    MissingStates(Vec<StateSpec>),
 }
 
 pub(crate) struct Partition {
@@ -243,8 +266,9 @@ fn is_expiry_trigger(address: &Address, env: &Envelope) -> bool {
 }
 
 /// Runs one batch of messages for one address against one context: first the expiry
-/// notices `start` found due, then the batch's messages (expiry triggers skipped; only
-/// a function with `notify_on_expire` state has them).
+/// notices `start` found due, one by one, then the batch's messages through the
+/// function's batch hook (expiry triggers left out; only a function with
+/// `notify_on_expire` state has them).
 async fn invoke_batch(
     function: Arc<Arc<dyn StatefulFunction>>,
     mut ctx: Context,
@@ -254,36 +278,63 @@ async fn invoke_batch(
     flags: FunctionFlags,
 ) -> Completion {
     let mut expired = Vec::with_capacity(notices.len());
-    let mut failure = None;
+    let mut outcome = None;
     for (name, notice) in notices {
         expired.push(name);
         ctx.set_caller(Some(address.clone()));
         if let Err(error) = invoke_one(&function, &mut ctx, notice).await {
             // A failing notice fails the batch from its start; notices are found again
             // when it is retried.
-            failure = Some(Failure { index: 0, error });
+            outcome = Some(Outcome::Failed(Failure { index: 0, error }));
             break;
         }
     }
-    if failure.is_none() {
+    if outcome.is_none() {
+        // Batch index of each invocation, kept only when triggers are left out.
+        let mut indices = Vec::new();
+        let mut invocations = Vec::with_capacity(batch.len());
         for (index, env) in batch.iter().enumerate() {
             if flags.notify && is_expiry_trigger(&address, env) {
                 continue;
             }
-            ctx.set_caller(env.caller.clone());
-            if let Err(error) = invoke_one(&function, &mut ctx, env.message.clone()).await {
-                failure = Some(Failure { index, error });
-                break;
+            if flags.notify {
+                indices.push(index);
             }
+            invocations.push(Invocation {
+                caller: env.caller.clone(),
+                message: env.message.clone(),
+            });
+        }
+        if !invocations.is_empty() {
+            let batch_index = |i: usize| if flags.notify { indices[i] } else { i };
+            outcome = match AssertUnwindSafe(function.invoke_batch(&mut ctx, &invocations))
+                .catch_unwind()
+                .await
+            {
+                Ok(Ok(())) => None,
+                Ok(Err(BatchError::Failed { index, error })) => Some(Outcome::Failed(Failure {
+                    index: batch_index(index.min(invocations.len() - 1)),
+                    error: error_chain(&*error),
+                })),
+                Ok(Err(BatchError::MissingStates(specs))) => Some(Outcome::MissingStates(specs)),
+                Ok(Err(e)) => Some(Outcome::Failed(Failure {
+                    index: 0,
+                    error: error_chain(&e),
+                })),
+                Err(p) => Some(Outcome::Failed(Failure {
+                    index: 0,
+                    error: panic_message(&*p),
+                })),
+            };
         }
     }
-    if let Some(failure) = failure {
+    if let Some(outcome) = outcome {
         return Completion {
             address,
             batch,
             expired: Vec::new(),
             notify: flags.notify,
-            outcome: Err(failure),
+            outcome,
         };
     }
     // AFTER_CALL values are refreshed by every invocation, written or not.
@@ -303,7 +354,7 @@ async fn invoke_batch(
         batch,
         expired,
         notify: flags.notify,
-        outcome: Ok((ctx.into_effects(), touched)),
+        outcome: Outcome::Done(ctx.into_effects(), touched),
     }
 }
 
@@ -346,18 +397,9 @@ impl Partition {
                         ..s.clone()
                     })
                     .collect();
-                let has_after_call = states.iter().any(|s| matches!(s.expiration, Expiration::AfterCall(_)));
-                let has_expiry = states.iter().any(|s| s.expiration != Expiration::None);
-                let has_notify = states.iter().any(|s| s.notify_on_expire);
                 (
                     t.clone(),
-                    LocalFunction {
-                        states,
-                        function: Arc::new(Arc::clone(f.function())),
-                        has_after_call,
-                        has_expiry,
-                        has_notify,
-                    },
+                    LocalFunction::new(states, Arc::new(Arc::clone(f.function()))),
                 )
             })
             .collect();
@@ -708,11 +750,22 @@ impl Partition {
     fn on_control(&mut self, c: Control) {
         match c {
             Control::GetState { address, name, reply } => {
+                // Declared states and those the handshake registered on this partition.
+                let declared = self
+                    .functions
+                    .get(address.type_name())
+                    .and_then(|f| f.states.iter().find(|s| *s.name == *name).map(|s| s.name.clone()));
+                let Some(name) = declared else {
+                    let function = address.type_name().clone();
+                    let _ = reply.send(Err(QueryError::Undeclared { function, name }));
+                    return;
+                };
                 let now = self.shared.clock.now_ms();
                 let r = self
                     .store
                     .get(&address, &name)
-                    .map(|v| v.filter(|v| v.expires_at_ms.is_none_or(|t| t > now)).map(|v| v.value));
+                    .map(|v| v.filter(|v| v.expires_at_ms.is_none_or(|t| t > now)).map(|v| v.value))
+                    .map_err(QueryError::from);
                 let _ = reply.send(r);
             }
             Control::Unpark { address, reply } => {
@@ -810,7 +863,7 @@ impl Partition {
                         batch,
                         expired: Vec::new(),
                         notify: f.has_notify,
-                        outcome: Err(failure),
+                        outcome: Outcome::Failed(failure),
                     });
                     return;
                 }
@@ -834,9 +887,53 @@ impl Partition {
 
     fn on_complete(&mut self, c: Completion) {
         match c.outcome {
-            Ok((effects, touched)) => self.on_success(c.address, c.batch, effects, touched, c.expired, c.notify),
-            Err(failure) => self.on_failure(c.address, c.batch, failure),
+            Outcome::Done(effects, touched) => {
+                self.on_success(c.address, c.batch, effects, touched, c.expired, c.notify)
+            }
+            Outcome::Failed(failure) => self.on_failure(c.address, c.batch, failure),
+            Outcome::MissingStates(specs) => match self.register_states(c.address.type_name(), specs) {
+                // Not a failed attempt: the same batch again, with the new values loaded.
+                Ok(()) => self.start(c.address, c.batch),
+                Err(error) => self.on_failure(c.address, c.batch, Failure { index: 0, error }),
+            },
         }
+    }
+
+    /// Registers states a function asked for (StateFun's `IncompleteInvocationContext`)
+    /// in this partition's copy of its type's declarations. Other partitions learn them
+    /// from their own first request. A name that is already registered means the
+    /// function and the runtime disagree, which is an error (not a loop).
+    fn register_states(&mut self, function: &TypeName, specs: Vec<StateSpec>) -> Result<(), String> {
+        let f = self
+            .functions
+            .get_mut(function)
+            .expect("an in-flight function is registered");
+        if specs.is_empty() {
+            return Err("the function reported missing states but named none".to_owned());
+        }
+        if f.states.len() + specs.len() > MAX_STATES_PER_FUNCTION {
+            return Err(format!(
+                "the function asks for {} more states; at most {MAX_STATES_PER_FUNCTION} are registered per function type",
+                specs.len()
+            ));
+        }
+        let mut states = f.states.to_vec();
+        for spec in specs {
+            if let Some(have) = states.iter().find(|s| s.name == spec.name) {
+                return Err(if have.type_name == spec.type_name {
+                    format!("the function asks for state {:?}, which the request carried", spec.name)
+                } else {
+                    format!(
+                        "the function asks for state {:?} as {}, registered as {}",
+                        spec.name, spec.type_name, have.type_name
+                    )
+                });
+            }
+            tracing::info!(function = %function, state = %spec.name, type_name = %spec.type_name, expiration = ?spec.expiration, "state registered");
+            states.push(spec);
+        }
+        *f = LocalFunction::new(states.into(), Arc::clone(&f.function));
+        Ok(())
     }
 
     /// The one place effects are applied.

@@ -781,26 +781,15 @@ impl RuntimeHandle {
         }
     }
 
-    /// Reads the raw bytes of state `name` at `address`.
+    /// Reads the raw bytes of state `name` at `address`: a state the function type
+    /// declares, or one a remote function registered through the state handshake on the
+    /// address's partition.
     pub async fn state_raw(&self, address: &Address, name: &str) -> Result<Option<Bytes>, QueryError> {
-        let declared = self
-            .shared
-            .module
-            .get(address.type_name())
-            .and_then(|f| f.states().iter().find(|s| &*s.name == name).map(|s| s.name.clone()))
-            .ok_or_else(|| QueryError::Undeclared {
-                function: address.type_name().clone(),
-                name: name.to_owned(),
-            })?;
         let p = self.shared.partition_of(address);
         let address = address.clone();
-        Ok(self
-            .control(p, |reply| Control::GetState {
-                address,
-                name: declared,
-                reply,
-            })
-            .await??)
+        let name = name.to_owned();
+        self.control(p, |reply| Control::GetState { address, name, reply })
+            .await?
     }
 
     /// Parked addresses with the error that parked them (in cluster mode: in the

@@ -128,6 +128,32 @@ impl Storage {
         self.slots[i].value.as_ref()
     }
 
+    /// Writes a declared value from its encoded bytes, checking `type_name` against the
+    /// declaration (for remote transports applying a function's response).
+    pub fn set_raw(&mut self, name: &str, type_name: &TypeName, value: Bytes) -> Result<(), StateError> {
+        let i = self.index(name, type_name)?;
+        self.slots[i] = Slot {
+            value: Some(value),
+            dirty: true,
+        };
+        Ok(())
+    }
+
+    /// Removes a declared value by name (for remote transports).
+    pub fn remove_raw(&mut self, name: &str) -> Result<(), StateError> {
+        let Some(i) = self.specs.iter().position(|s| &*s.name == name) else {
+            return Err(StateError::Undeclared {
+                name: name.to_owned(),
+                function: self.function.clone(),
+            });
+        };
+        self.slots[i] = Slot {
+            value: None,
+            dirty: true,
+        };
+        Ok(())
+    }
+
     /// The declarations this storage exposes.
     pub fn specs(&self) -> &[StateSpec] {
         &self.specs
@@ -397,6 +423,28 @@ mod tests {
             e.state[0].value.as_deref(),
             Some(&"y".to_string().encode().unwrap()[..])
         );
+    }
+
+    #[test]
+    fn raw_writes_check_the_declaration_and_become_mutations() {
+        let mut c = ctx();
+        let int = crate::value::builtin::INT;
+        assert!(matches!(
+            c.storage().set_raw("a", &int, Bytes::from_static(b"x")),
+            Err(StateError::TypeMismatch { .. })
+        ));
+        assert!(matches!(
+            c.storage().remove_raw("zzz"),
+            Err(StateError::Undeclared { .. })
+        ));
+        c.storage()
+            .set_raw("b", &crate::value::builtin::STRING, Bytes::from_static(b"\x0a\x01y"))
+            .unwrap();
+        c.storage().remove_raw("a").unwrap();
+        let e = c.into_effects();
+        assert_eq!(e.state.len(), 2);
+        assert_eq!((&*e.state[0].name, e.state[0].value.is_none()), ("a", true));
+        assert_eq!(e.state[1].value.as_deref(), Some(&b"\x0a\x01y"[..]));
     }
 
     #[test]

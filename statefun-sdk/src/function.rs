@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use crate::context::Context;
 use crate::spec::{FunctionSpec, StateSpec};
-use crate::typename::TypeName;
+use crate::typename::{Address, TypeName};
 use crate::value::Message;
 
 /// The error a function returns: any error type, boxed (`?` works on every
@@ -19,6 +19,68 @@ pub type FunctionError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// The result of one invocation.
 pub type FunctionResult = Result<(), FunctionError>;
+
+/// One message of a batch handed to [`StatefulFunction::invoke_batch`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Invocation {
+    /// The sending function; `None` for ingress records.
+    pub caller: Option<Address>,
+    /// The message.
+    pub message: Message,
+}
+
+/// Why [`StatefulFunction::invoke_batch`] did not complete.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum BatchError {
+    /// The message at `index` failed. The effects of the whole batch are discarded; the
+    /// runtime applies nothing and retries (the messages before `index` first).
+    Failed {
+        /// Index in the batch of the failing message.
+        index: usize,
+        /// Why it failed.
+        error: FunctionError,
+    },
+    /// The function needs state that its type has not registered yet (StateFun's
+    /// `IncompleteInvocationContext`). The runtime registers the specs for the function
+    /// type and runs the same batch again at once, with the new values loaded; this is
+    /// not a failed attempt. Asking again for a registered name is a failure.
+    MissingStates(Vec<StateSpec>),
+}
+
+impl BatchError {
+    /// A failure of the message at `index`.
+    pub fn failed(index: usize, error: impl Into<FunctionError>) -> BatchError {
+        BatchError::Failed {
+            index,
+            error: error.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for BatchError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BatchError::Failed { index, error } => write!(f, "message {index} of the batch failed: {error}"),
+            BatchError::MissingStates(specs) => {
+                f.write_str("the function needs unregistered states:")?;
+                for s in specs {
+                    write!(f, " {} ({})", s.name, s.type_name)?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+impl std::error::Error for BatchError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            BatchError::Failed { error, .. } => Some(&**error),
+            BatchError::MissingStates(_) => None,
+        }
+    }
+}
 
 /// A stateful function: invoked once per message, one message at a time per address,
 /// with that address's declared state in the [`Context`].
@@ -44,6 +106,22 @@ pub trait StatefulFunction: Send + Sync + 'static {
     /// Handles one message. Effects recorded in `ctx` are applied only if this returns
     /// `Ok`; on `Err` (or a panic) they are discarded and the runtime retries.
     async fn invoke(&self, ctx: &mut Context, message: Message) -> FunctionResult;
+
+    /// Handles a batch of messages for one address, in order, on one [`Context`]: the
+    /// runtime hands over every message that queued up for the address while its
+    /// previous batch ran (at most one batch per address is in flight). The default
+    /// calls [`invoke`](StatefulFunction::invoke) once per message, setting the caller
+    /// before each; a remote function overrides it to ship the whole batch in one
+    /// request, as StateFun's `InvocationBatchRequest` does.
+    async fn invoke_batch(&self, ctx: &mut Context, batch: &[Invocation]) -> Result<(), BatchError> {
+        for (index, inv) in batch.iter().enumerate() {
+            ctx.set_caller(inv.caller.clone());
+            self.invoke(ctx, inv.message.clone())
+                .await
+                .map_err(|error| BatchError::Failed { index, error })?;
+        }
+        Ok(())
+    }
 }
 
 /// A [`StatefulFunction`] made from a synchronous closure; see [`ModuleBuilder::with_fn`].

@@ -64,7 +64,8 @@ pub use context::{
 };
 pub use expiry::{Expired, expiry_token};
 pub use function::{
-    FnFunction, FunctionError, FunctionResult, Module, ModuleBuilder, ModuleError, RegisteredFunction, StatefulFunction,
+    BatchError, FnFunction, FunctionError, FunctionResult, Invocation, Module, ModuleBuilder, ModuleError,
+    RegisteredFunction, StatefulFunction,
 };
 pub use harness::{PendingDelayed, TestHarness};
 pub use spec::{Expiration, FunctionSpec, InvalidStateName, StateSpec, ValueSpec};
