@@ -166,7 +166,7 @@ fn state_values_go_out_as_the_sdk_sends_them() {
     let value = to_function::PersistedValue {
         state_name: "seen_count".into(),
         state_value: Some(typed_value(
-            &TypeName::parse("io.statefun.types/int").unwrap(),
+            "io.statefun.types/int",
             <i32 as ValueType>::encode(&1).unwrap(),
         )),
     };

@@ -23,8 +23,11 @@ const LAST: ValueSpec<String> = ValueSpec::named("last").expire_after_write(Dura
 /// state names it saw.
 #[derive(Clone, Default)]
 struct Discovers {
-    batches: Arc<Mutex<Vec<(usize, Vec<String>)>>>,
+    batches: Arc<Mutex<Vec<SeenBatch>>>,
 }
+
+/// A batch's size and the state names its context carried.
+type SeenBatch = (usize, Vec<String>);
 
 #[async_trait]
 impl StatefulFunction for Discovers {

@@ -53,6 +53,10 @@ pub mod context;
 pub mod expiry;
 pub mod function;
 pub mod harness;
+#[cfg(feature = "protocol")]
+pub mod protocol;
+#[cfg(feature = "remote")]
+pub mod remote;
 pub mod spec;
 pub mod typename;
 pub mod value;

@@ -1,0 +1,395 @@
+//! # statefun-remote
+//!
+//! Remote functions for the statefun-rs runtime: a [`RemoteFunction`] is a
+//! [`StatefulFunction`] whose code runs in another process, reached over StateFun's
+//! request-reply protocol by HTTP ([`HttpTransport`]) or by statefun-rs's gRPC service
+//! ([`GrpcTransport`]); and StateFun's `module.yaml` format ([`module`]).
+//!
+//! Why it exists: in StateFun most functions run remotely. The function process holds
+//! no state; the runtime sends each address's batch of messages with its registered
+//! state values and applies the returned effects (state changes, messages, delayed
+//! messages and cancellations, egress records) in its one place for effects, exactly
+//! as for an embedded function. So functions written with StateFun's Python, Java, Go
+//! or JavaScript SDK run unchanged, and a Rust function runs embedded or behind
+//! `statefun_sdk::remote::RemoteServer` with no change to its code.
+//!
+//! What it promises:
+//! * **The state handshake**: a function's states need not be declared to the runtime.
+//!   The first request carries none; the function names the states it needs
+//!   (`IncompleteInvocationContext`), the runtime registers them for the function type,
+//!   with their type and expiry, and sends the same batch again at once.
+//! * **Batching**: the runtime keeps one request in flight per address and sends the
+//!   messages that arrived meanwhile as the next batch (`statefun_runtime` dispatch).
+//! * **Failures**: an attempt that fails to connect, times out, or gets HTTP 5xx/429
+//!   (gRPC `UNAVAILABLE`, `INTERNAL`, ...) is retried with exponential backoff until
+//!   the call timeout; then the batch fails, and the runtime's retry policy takes over:
+//!   after its attempts, only that address is parked and its messages go to the
+//!   dead-letter sink with the error. An answer that is not a valid `FromFunction`, has
+//!   the wrong content type, or changes a state that is not registered (or with another
+//!   type) is an error naming the field, not retried by the transport, never a panic.
+//!
+//! ```no_run
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use statefun_remote::{HttpTransport, RemoteOptions};
+//! use statefun_sdk::{FunctionSpec, Module, TypeName};
+//!
+//! let http = HttpTransport::new(RemoteOptions::default())?;
+//! let cart = TypeName::parse("retail/cart")?;
+//! let module = Module::builder()
+//!     // No states declared: the function names them in the handshake.
+//!     .with_function(FunctionSpec::new(cart), http.function("http://127.0.0.1:8000/statefun")?)
+//!     .build()?;
+//! # let _ = module; Ok(()) }
+//! ```
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use prost::Message as _;
+use statefun_protocol::grpc::remote_function_client::RemoteFunctionClient;
+use statefun_sdk::protocol::reqreply::{FromFunction, ToFunction};
+use statefun_sdk::protocol::{CONTENT_TYPE, apply_response, batch_request};
+use statefun_sdk::{BatchError, Context, FunctionResult, Invocation, Message, StatefulFunction};
+use tokio::time::Instant;
+
+pub mod module;
+
+/// How calls to a remote function are made. The defaults are StateFun's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteOptions {
+    /// The whole call, retries included (StateFun's `call`). Default 2 min.
+    pub call_timeout: Duration,
+    /// Connecting, per attempt (StateFun's `connect`). Default 20 s.
+    pub connect_timeout: Duration,
+    /// Idle pooled connections are closed after this (StateFun's `pool_ttl`). Default 15 s.
+    pub pool_ttl: Duration,
+    /// Idle pooled connections kept per host (StateFun's `pool_size`). Default 1024.
+    pub pool_size: usize,
+    /// Largest answer accepted (StateFun's `payload_max_bytes`). Default 32 MiB.
+    pub max_response_bytes: usize,
+    /// Wait before the second attempt; doubles per attempt up to `max_backoff`.
+    /// Default 10 ms.
+    pub initial_backoff: Duration,
+    /// Longest wait between attempts. Default 1 s.
+    pub max_backoff: Duration,
+}
+
+impl Default for RemoteOptions {
+    fn default() -> Self {
+        RemoteOptions {
+            call_timeout: Duration::from_secs(120),
+            connect_timeout: Duration::from_secs(20),
+            pool_ttl: Duration::from_secs(15),
+            pool_size: 1024,
+            max_response_bytes: 32 * 1024 * 1024,
+            initial_backoff: Duration::from_millis(10),
+            max_backoff: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Why a transport could not be set up.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SetupError {
+    /// The URL is not a valid http(s) URL.
+    #[error("invalid function URL {url:?}: {reason}")]
+    Url {
+        /// The URL given.
+        url: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The HTTP client could not be built.
+    #[error("cannot build the HTTP client: {0}")]
+    Client(#[from] reqwest::Error),
+}
+
+/// A remote call that failed for good (after the transport's retries).
+#[derive(Debug, thiserror::Error)]
+#[error("remote function at {url}: {error} (after {attempts} attempt(s) in {elapsed_ms} ms)")]
+pub struct CallError {
+    /// The function's URL.
+    pub url: String,
+    /// Attempts made.
+    pub attempts: u32,
+    /// Time spent, retries included.
+    pub elapsed_ms: u64,
+    /// The last attempt's error.
+    pub error: String,
+    /// Whether the last error was one the transport retries (the call timeout ran out)
+    /// or one it does not (a malformed answer, a 4xx status).
+    pub retryable: bool,
+}
+
+/// What one attempt ended with.
+enum Attempt {
+    /// Retried while the call timeout allows.
+    Retry(String),
+    /// Not retried by the transport.
+    Fatal(String),
+}
+
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// A pooled HTTP client for StateFun's HTTP endpoints: one per endpoint (or per
+/// application), shared by every function it reaches. Plain `http://` only: no TLS
+/// stack is compiled in (put a TLS-terminating proxy in front of `https` endpoints).
+#[derive(Debug, Clone)]
+pub struct HttpTransport {
+    client: reqwest::Client,
+    options: Arc<RemoteOptions>,
+}
+
+impl HttpTransport {
+    /// A client with `options`' connect timeout and pool settings.
+    pub fn new(options: RemoteOptions) -> Result<HttpTransport, SetupError> {
+        let client = reqwest::Client::builder()
+            .connect_timeout(options.connect_timeout)
+            .pool_idle_timeout(options.pool_ttl)
+            .pool_max_idle_per_host(options.pool_size)
+            .tcp_nodelay(true)
+            .build()?;
+        Ok(HttpTransport {
+            client,
+            options: Arc::new(options),
+        })
+    }
+
+    /// The function served at `url` (POST of `ToFunction`, answered with `FromFunction`).
+    pub fn function(&self, url: &str) -> Result<RemoteFunction, SetupError> {
+        let parsed = reqwest::Url::parse(url).map_err(|e| SetupError::Url {
+            url: url.to_owned(),
+            reason: e.to_string(),
+        })?;
+        if parsed.scheme() != "http" {
+            return Err(SetupError::Url {
+                url: url.to_owned(),
+                reason: "only http:// is supported (no TLS stack is compiled in)".to_owned(),
+            });
+        }
+        Ok(RemoteFunction {
+            endpoint: Endpoint::Http {
+                client: self.client.clone(),
+                url: parsed,
+            },
+            url: Arc::from(url),
+            options: Arc::clone(&self.options),
+        })
+    }
+}
+
+/// A connection to statefun-rs's gRPC service (`RemoteFunction.Invoke`), HTTP/2 over
+/// one multiplexed connection, opened on first use and re-opened when it breaks.
+#[derive(Debug, Clone)]
+pub struct GrpcTransport {
+    client: RemoteFunctionClient<tonic::transport::Channel>,
+    url: Arc<str>,
+    options: Arc<RemoteOptions>,
+}
+
+impl GrpcTransport {
+    /// A lazily connected channel to `url` (`http://host:port`).
+    pub fn new(url: &str, options: RemoteOptions) -> Result<GrpcTransport, SetupError> {
+        let invalid = |reason: String| SetupError::Url {
+            url: url.to_owned(),
+            reason,
+        };
+        if !url.starts_with("http://") {
+            return Err(invalid(
+                "only http:// is supported (no TLS stack is compiled in)".to_owned(),
+            ));
+        }
+        let channel = tonic::transport::Endpoint::from_shared(url.to_owned())
+            .map_err(|e| invalid(error_chain(&e)))?
+            .connect_timeout(options.connect_timeout)
+            .tcp_nodelay(true)
+            .connect_lazy();
+        let client = RemoteFunctionClient::new(channel)
+            .max_decoding_message_size(options.max_response_bytes)
+            .max_encoding_message_size(usize::MAX);
+        Ok(GrpcTransport {
+            client,
+            url: Arc::from(url),
+            options: Arc::new(options),
+        })
+    }
+
+    /// A function reached through this channel (the request names the target, so one
+    /// channel serves every function type of the server).
+    pub fn function(&self) -> RemoteFunction {
+        RemoteFunction {
+            endpoint: Endpoint::Grpc {
+                client: self.client.clone(),
+            },
+            url: Arc::clone(&self.url),
+            options: Arc::clone(&self.options),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Endpoint {
+    Http {
+        client: reqwest::Client,
+        url: reqwest::Url,
+    },
+    Grpc {
+        client: RemoteFunctionClient<tonic::transport::Channel>,
+    },
+}
+
+/// A function served by another process; register it in a `Module` like any function
+/// (its `FunctionSpec` needs no states: the handshake registers them).
+#[derive(Debug, Clone)]
+pub struct RemoteFunction {
+    endpoint: Endpoint,
+    url: Arc<str>,
+    options: Arc<RemoteOptions>,
+}
+
+impl RemoteFunction {
+    /// Sends one request, retrying what may succeed on a later attempt until the call
+    /// timeout, with exponential backoff.
+    pub async fn call(&self, request: ToFunction) -> Result<FromFunction, CallError> {
+        let started = Instant::now();
+        let deadline = started + self.options.call_timeout;
+        let body = Bytes::from(request.encode_to_vec());
+        let mut attempts = 0u32;
+        loop {
+            attempts += 1;
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let outcome = match tokio::time::timeout(remaining, self.attempt(&request, body.clone())).await {
+                Ok(outcome) => outcome,
+                Err(_) => Err(Attempt::Retry(format!(
+                    "no answer within the call timeout of {} ms",
+                    self.options.call_timeout.as_millis()
+                ))),
+            };
+            let (error, retryable) = match outcome {
+                Ok(answer) => return Ok(answer),
+                Err(Attempt::Fatal(e)) => (e, false),
+                Err(Attempt::Retry(e)) => (e, true),
+            };
+            let backoff = self
+                .options
+                .initial_backoff
+                .saturating_mul(1 << (attempts - 1).min(20))
+                .min(self.options.max_backoff);
+            if !retryable || Instant::now() + backoff >= deadline {
+                return Err(CallError {
+                    url: self.url.to_string(),
+                    attempts,
+                    elapsed_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                    error,
+                    retryable,
+                });
+            }
+            tracing::debug!(url = %self.url, attempt = attempts, error = %error, "remote call failed; retrying");
+            tokio::time::sleep(backoff).await;
+        }
+    }
+
+    async fn attempt(&self, request: &ToFunction, body: Bytes) -> Result<FromFunction, Attempt> {
+        match &self.endpoint {
+            Endpoint::Http { client, url } => self.attempt_http(client, url, body).await,
+            Endpoint::Grpc { client } => {
+                let mut client = client.clone();
+                match client.invoke(request.clone()).await {
+                    Ok(answer) => Ok(answer.into_inner()),
+                    Err(status) => {
+                        use tonic::Code;
+                        let e = format!("gRPC {:?}: {}", status.code(), status.message());
+                        Err(match status.code() {
+                            Code::Unavailable
+                            | Code::Unknown
+                            | Code::Internal
+                            | Code::ResourceExhausted
+                            | Code::DeadlineExceeded
+                            | Code::Aborted => Attempt::Retry(e),
+                            _ => Attempt::Fatal(e),
+                        })
+                    }
+                }
+            }
+        }
+    }
+
+    async fn attempt_http(
+        &self,
+        client: &reqwest::Client,
+        url: &reqwest::Url,
+        body: Bytes,
+    ) -> Result<FromFunction, Attempt> {
+        let response = client
+            .post(url.clone())
+            .header(reqwest::header::CONTENT_TYPE, CONTENT_TYPE)
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| Attempt::Retry(error_chain(&e)))?;
+        let status = response.status();
+        if !status.is_success() {
+            let text = response.text().await.unwrap_or_default();
+            let text: String = text.chars().take(300).collect();
+            let e = format!("HTTP {status}: {text}");
+            return Err(
+                if status.is_server_error() || status == reqwest::StatusCode::TOO_MANY_REQUESTS {
+                    Attempt::Retry(e)
+                } else {
+                    Attempt::Fatal(e)
+                },
+            );
+        }
+        let content_type = response
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        if content_type.split(';').next().map(str::trim) != Some(CONTENT_TYPE) {
+            return Err(Attempt::Fatal(format!(
+                "answered {status} with Content-Type {content_type:?}, expected {CONTENT_TYPE}"
+            )));
+        }
+        let max = self.options.max_response_bytes;
+        if response.content_length().is_some_and(|n| n > max as u64) {
+            return Err(Attempt::Fatal(format!("the answer is larger than {max} bytes")));
+        }
+        let bytes = response.bytes().await.map_err(|e| Attempt::Retry(error_chain(&e)))?;
+        if bytes.len() > max {
+            return Err(Attempt::Fatal(format!("the answer is larger than {max} bytes")));
+        }
+        FromFunction::decode(bytes).map_err(|e| Attempt::Fatal(format!("the answer is not a FromFunction: {e}")))
+    }
+}
+
+#[async_trait::async_trait]
+impl StatefulFunction for RemoteFunction {
+    async fn invoke(&self, ctx: &mut Context, message: Message) -> FunctionResult {
+        let caller = ctx.caller().cloned();
+        self.invoke_batch(ctx, &[Invocation { caller, message }])
+            .await
+            .map_err(|e| match e {
+                BatchError::Failed { error, .. } => error,
+                other => other.to_string().into(),
+            })
+    }
+
+    async fn invoke_batch(&self, ctx: &mut Context, batch: &[Invocation]) -> Result<(), BatchError> {
+        let answer = self
+            .call(batch_request(ctx, batch))
+            .await
+            .map_err(|e| BatchError::failed(0, e))?;
+        apply_response(ctx, answer)
+    }
+}
