@@ -161,8 +161,12 @@ struct Completion {
 enum Outcome {
     Done(Effects, Touched),
     Failed(Failure),
-    /// The function asked for states its type has not registered (the handshake).
-    MissingStates(Vec<StateSpec>),
+    /// The function asked for states its type had not registered (the handshake) when
+    /// the batch started with the first `carried` registered states.
+    MissingStates {
+        specs: Vec<StateSpec>,
+        carried: usize,
+    },
 }
 
 pub(crate) struct Partition {
@@ -316,7 +320,10 @@ async fn invoke_batch(
                     index: batch_index(index.min(invocations.len() - 1)),
                     error: error_chain(&*error),
                 })),
-                Ok(Err(BatchError::MissingStates(specs))) => Some(Outcome::MissingStates(specs)),
+                Ok(Err(BatchError::MissingStates(specs))) => Some(Outcome::MissingStates {
+                    specs,
+                    carried: ctx.storage_ref().specs().len(),
+                }),
                 Ok(Err(e)) => Some(Outcome::Failed(Failure {
                     index: 0,
                     error: error_chain(&e),
@@ -891,19 +898,24 @@ impl Partition {
                 self.on_success(c.address, c.batch, effects, touched, c.expired, c.notify)
             }
             Outcome::Failed(failure) => self.on_failure(c.address, c.batch, failure),
-            Outcome::MissingStates(specs) => match self.register_states(c.address.type_name(), specs) {
-                // Not a failed attempt: the same batch again, with the new values loaded.
-                Ok(()) => self.start(c.address, c.batch),
-                Err(error) => self.on_failure(c.address, c.batch, Failure { index: 0, error }),
-            },
+            Outcome::MissingStates { specs, carried } => {
+                match self.register_states(c.address.type_name(), specs, carried) {
+                    // Not a failed attempt: the same batch again, with the new values loaded.
+                    Ok(()) => self.start(c.address, c.batch),
+                    Err(error) => self.on_failure(c.address, c.batch, Failure { index: 0, error }),
+                }
+            }
         }
     }
 
     /// Registers states a function asked for (StateFun's `IncompleteInvocationContext`)
     /// in this partition's copy of its type's declarations. Other partitions learn them
-    /// from their own first request. A name that is already registered means the
-    /// function and the runtime disagree, which is an error (not a loop).
-    fn register_states(&mut self, function: &TypeName, specs: Vec<StateSpec>) -> Result<(), String> {
+    /// from their own first request. The batch's request carried the first `carried`
+    /// registered states: asking for one of those again means the function and the
+    /// runtime disagree, which is an error (not a loop). A state registered since the
+    /// batch started (by another address's handshake) is already there; so is one asked
+    /// for again with another type, which is an error.
+    fn register_states(&mut self, function: &TypeName, specs: Vec<StateSpec>, carried: usize) -> Result<(), String> {
         let f = self
             .functions
             .get_mut(function)
@@ -919,15 +931,21 @@ impl Partition {
         }
         let mut states = f.states.to_vec();
         for spec in specs {
-            if let Some(have) = states.iter().find(|s| s.name == spec.name) {
-                return Err(if have.type_name == spec.type_name {
-                    format!("the function asks for state {:?}, which the request carried", spec.name)
-                } else {
-                    format!(
+            if let Some(i) = states.iter().position(|s| s.name == spec.name) {
+                let have = &states[i];
+                if have.type_name != spec.type_name {
+                    return Err(format!(
                         "the function asks for state {:?} as {}, registered as {}",
                         spec.name, spec.type_name, have.type_name
-                    )
-                });
+                    ));
+                }
+                if i < carried {
+                    return Err(format!(
+                        "the function asks for state {:?}, which the request carried",
+                        spec.name
+                    ));
+                }
+                continue;
             }
             tracing::info!(function = %function, state = %spec.name, type_name = %spec.type_name, expiration = ?spec.expiration, "state registered");
             states.push(spec);

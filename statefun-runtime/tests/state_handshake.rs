@@ -24,6 +24,8 @@ const LAST: ValueSpec<String> = ValueSpec::named("last").expire_after_write(Dura
 #[derive(Clone, Default)]
 struct Discovers {
     batches: Arc<Mutex<Vec<SeenBatch>>>,
+    /// When set, asking for states waits for a permit (to hold handshakes in flight).
+    gate: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 /// A batch's size and the state names its context carried.
@@ -53,6 +55,9 @@ impl StatefulFunction for Discovers {
             .filter(|s| !names.contains(&s.name.to_string()))
             .collect();
         if !missing.is_empty() {
+            if let Some(gate) = &self.gate {
+                gate.acquire().await.unwrap().forget();
+            }
             return Err(BatchError::MissingStates(missing));
         }
         for (index, inv) in batch.iter().enumerate() {
@@ -83,14 +88,17 @@ struct Fixture {
 }
 
 fn start() -> Fixture {
-    let function = Discovers::default();
+    start_with(Discovers::default(), 2)
+}
+
+fn start_with(function: Discovers, partitions: u32) -> Fixture {
     let module = Module::builder()
         .with_function(FunctionSpec::new(F), function.clone())
         .build()
         .unwrap();
     let dead = CollectingDeadLetters::new();
     let config = RuntimeConfig {
-        partitions: 2,
+        partitions,
         retry: statefun_runtime::RetryConfig {
             max_attempts: 2,
             initial_backoff_ms: 1,
@@ -176,4 +184,30 @@ async fn a_state_asked_for_again_with_another_type_parks_only_that_address() {
     assert_eq!(f.handle.state(&at("b"), &COUNT).await.unwrap(), Some(1));
     f.stop.cancel();
     f.running.await.unwrap().unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn two_addresses_in_their_first_handshake_at_once_both_run_without_a_failure() {
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let function = Discovers {
+        gate: Some(gate.clone()),
+        ..Default::default()
+    };
+    let f = start_with(function, 1);
+    f.handle.send_value(at("a"), &"x".to_string()).await.unwrap();
+    f.handle.send_value(at("b"), &"y".to_string()).await.unwrap();
+    // Both first requests are in flight, neither knows the states.
+    while f.function.batches.lock().unwrap().len() < 2 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    gate.add_permits(2);
+    f.handle.wait_idle().await;
+    // The second answer asks for states the first one registered meanwhile: they are
+    // there now, so its batch simply runs again.
+    assert_eq!(f.handle.state(&at("a"), &COUNT).await.unwrap(), Some(1));
+    assert_eq!(f.handle.state(&at("b"), &COUNT).await.unwrap(), Some(1));
+    f.stop.cancel();
+    let report = f.running.await.unwrap().unwrap();
+    assert_eq!(report.partitions.iter().map(|p| p.failures).sum::<u64>(), 0);
+    assert!(f.dead.letters().is_empty());
 }
