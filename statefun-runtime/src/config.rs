@@ -61,6 +61,12 @@ pub struct RuntimeConfig {
     /// Most messages for one address handed to one invocation batch (StateFun's
     /// `maxNumBatchRequests`). Default: 1000.
     pub max_batch_size: usize,
+    /// Messages queued for one address behind its batch in flight before its partition
+    /// stops taking ingress records until the backlog drains below it (StateFun's
+    /// `maxNumBatchRequests`: with a slow remote function, the backlog of one hot
+    /// address stays bounded instead of filling the partition's buffer). Internal
+    /// messages between functions are still accepted. Default: 1000.
+    pub max_queued_per_address: usize,
     /// Messages a partition holds (queued or in flight) before it stops taking ingress
     /// records; internal messages between functions are always accepted so that
     /// partitions cannot deadlock each other. Default: 10 000.
@@ -83,6 +89,7 @@ impl Default for RuntimeConfig {
         RuntimeConfig {
             partitions: 8,
             max_batch_size: 1000,
+            max_queued_per_address: 1000,
             max_buffered_per_partition: 10_000,
             ingress_queue_capacity: 1024,
             retry: RetryConfig::default(),
@@ -106,6 +113,9 @@ impl RuntimeConfig {
         }
         if self.max_batch_size == 0 {
             return err("max_batch_size", "must be at least 1");
+        }
+        if self.max_queued_per_address == 0 {
+            return err("max_queued_per_address", "must be at least 1");
         }
         if self.max_buffered_per_partition == 0 {
             return err("max_buffered_per_partition", "must be at least 1");

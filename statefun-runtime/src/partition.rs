@@ -20,7 +20,7 @@
 //! every other address keeps flowing.
 
 use std::collections::hash_map::Entry;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
@@ -176,6 +176,9 @@ pub(crate) struct Partition {
     functions: HashMap<TypeName, LocalFunction, ahash::RandomState>,
     mailboxes: HashMap<Address, Mailbox, ahash::RandomState>,
     parked: HashMap<Address, String, ahash::RandomState>,
+    /// Addresses with `max_queued_per_address` or more messages queued behind their
+    /// batch in flight: while any exists, the partition takes no ingress.
+    backlogged: HashSet<Address, ahash::RandomState>,
     in_flight: FuturesUnordered<BoxFuture<'static, Completion>>,
     /// Invocations that completed on their first poll, waiting to be applied.
     ready: VecDeque<Completion>,
@@ -419,6 +422,7 @@ impl Partition {
             functions,
             mailboxes: HashMap::default(),
             parked: HashMap::default(),
+            backlogged: HashSet::default(),
             in_flight: FuturesUnordered::new(),
             ready: VecDeque::new(),
             timers: Timers::default(),
@@ -672,7 +676,11 @@ impl Partition {
                 }
             }
             for _ in 0..BUDGET {
-                if !ingress_open || self.accept_blocked || self.buffered + self.accepting.len() >= max_buffered {
+                if !ingress_open
+                    || self.accept_blocked
+                    || self.buffered + self.accepting.len() >= max_buffered
+                    || !self.backlogged.is_empty()
+                {
                     break;
                 }
                 match self.ingress_rx.try_recv() {
@@ -710,7 +718,8 @@ impl Partition {
             // Nothing ready: wait for the first thing that is.
             self.flush_deferred();
             let deadline = self.timers.next_deadline();
-            let take_ingress = ingress_open && !self.accept_blocked && self.buffered < max_buffered;
+            let take_ingress =
+                ingress_open && !self.accept_blocked && self.buffered < max_buffered && self.backlogged.is_empty();
             tokio::select! {
                 biased;
                 _ = stop.cancelled() => break,
@@ -818,7 +827,12 @@ impl Partition {
         }
         self.buffered += 1;
         match self.mailboxes.entry(env.target.clone()) {
-            Entry::Occupied(mut o) => o.get_mut().queue.push_back(env),
+            Entry::Occupied(mut o) => {
+                o.get_mut().queue.push_back(env);
+                if o.get().queue.len() >= self.shared.config.max_queued_per_address {
+                    self.backlogged.insert(o.key().clone());
+                }
+            }
             Entry::Vacant(v) => {
                 let address = v.key().clone();
                 v.insert(Mailbox {
@@ -1317,7 +1331,16 @@ impl Partition {
         }
         let take = mb.queue.len().min(max);
         let batch: Vec<Envelope> = mb.queue.drain(..take).collect();
+        self.note_backlog(&address);
         self.start(address, batch);
+    }
+
+    /// Keeps `backlogged` in step with `address`'s queue after messages left it.
+    fn note_backlog(&mut self, address: &Address) {
+        let queued = self.mailboxes.get(address).map_or(0, |mb| mb.queue.len());
+        if queued < self.shared.config.max_queued_per_address {
+            self.backlogged.remove(address);
+        }
     }
 
     fn on_failure(&mut self, address: Address, batch: Vec<Envelope>, failure: Failure) {
@@ -1330,6 +1353,9 @@ impl Partition {
             .expect("an in-flight address has a mailbox");
         for env in batch.into_iter().rev() {
             mb.queue.push_front(env);
+        }
+        if mb.queue.len() >= self.shared.config.max_queued_per_address {
+            self.backlogged.insert(address.clone());
         }
         if failure.index > 0 {
             // The messages before the failing one succeeded; their effects were discarded
@@ -1357,6 +1383,7 @@ impl Partition {
 
     fn park(&mut self, address: Address, error: String, attempts: u32) {
         let mb = self.mailboxes.remove(&address).expect("parking an active address");
+        self.backlogged.remove(&address);
         tracing::error!(address = %address, attempts, error = %error, "address parked");
         ::metrics::counter!(metrics::ADDRESSES_PARKED).increment(1);
         self.buffered -= mb.queue.len();
@@ -1410,6 +1437,7 @@ impl Partition {
                     let Some(head) = mb.queue.pop_front() else {
                         continue;
                     };
+                    self.note_backlog(&address);
                     self.start(address, vec![head]);
                 }
                 Timer::AcceptRetry => {

@@ -155,6 +155,49 @@ async fn batches_never_exceed_max_batch_size() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn an_address_with_a_full_backlog_pauses_its_partitions_ingress_until_it_drains() {
+    let f = start(RuntimeConfig {
+        partitions: 1,
+        max_queued_per_address: 3,
+        ingress_queue_capacity: 1,
+        ..Default::default()
+    });
+    send(&f.handle, "a", "wait").await;
+    for _ in 0..3 {
+        send(&f.handle, "a", "go").await;
+    }
+    eventually("a's batch is in flight with 3 queued behind it", || async {
+        f.handle.stats().await.unwrap()[0].buffered == 4
+    })
+    .await;
+    // The partition's buffer (10 000 by default) is far from full, but a's backlog is:
+    // one more record fits in the ingress queue, the next one (for any address) waits.
+    send(&f.handle, "b", "go").await;
+    let go = "go".to_string();
+    let blocked = f.handle.send_value(at("c"), &go);
+    tokio::pin!(blocked);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), &mut blocked)
+            .await
+            .is_err(),
+        "send should wait while an address's backlog is full"
+    );
+    assert_eq!(
+        f.handle.state(&at("b"), &SEEN).await.unwrap(),
+        None,
+        "b was not taken in"
+    );
+    f.gate.add_permits(1);
+    blocked.await.unwrap();
+    f.handle.wait_idle().await;
+    assert_eq!(f.handle.state(&at("a"), &SEEN).await.unwrap(), Some(4));
+    assert_eq!(f.handle.state(&at("b"), &SEEN).await.unwrap(), Some(1));
+    assert_eq!(f.handle.state(&at("c"), &SEEN).await.unwrap(), Some(1));
+    f.stop.cancel();
+    f.running.await.unwrap().unwrap();
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_full_partition_stops_taking_ingress_until_it_drains() {
     let f = start(RuntimeConfig {
         partitions: 1,
