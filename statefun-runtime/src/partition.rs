@@ -174,6 +174,9 @@ pub(crate) struct Partition {
     shared: Arc<Shared>,
     store: Box<dyn PartitionStore>,
     functions: HashMap<TypeName, LocalFunction, ahash::RandomState>,
+    /// Functions serving a whole namespace: a type of it gets its own entry in
+    /// `functions` (with its own registered states) on its first message.
+    namespace_functions: HashMap<String, LocalFunction, ahash::RandomState>,
     mailboxes: HashMap<Address, Mailbox, ahash::RandomState>,
     parked: HashMap<Address, String, ahash::RandomState>,
     /// Addresses with `max_queued_per_address` or more messages queued behind their
@@ -393,25 +396,32 @@ impl Partition {
         ingress_rx: mpsc::Receiver<Envelope>,
         inbound_rx: mpsc::UnboundedReceiver<Inbound>,
     ) -> Partition {
+        // Fresh copies, names included, so refcounts stay partition-local.
+        let local = |f: &statefun_sdk::RegisteredFunction| {
+            let states: Arc<[StateSpec]> = f
+                .states()
+                .iter()
+                .map(|s| StateSpec {
+                    name: Arc::from(&*s.name),
+                    ..s.clone()
+                })
+                .collect();
+            LocalFunction::new(states, Arc::new(Arc::clone(f.function())))
+        };
         let functions = shared
             .module
             .types()
             .map(|t| {
-                let f = shared.module.get(t).expect("listed type is registered");
-                // Fresh copies, names included, so refcounts stay partition-local.
-                let states: Arc<[StateSpec]> = f
-                    .states()
-                    .iter()
-                    .map(|s| StateSpec {
-                        name: Arc::from(&*s.name),
-                        ..s.clone()
-                    })
-                    .collect();
                 (
                     t.clone(),
-                    LocalFunction::new(states, Arc::new(Arc::clone(f.function()))),
+                    local(shared.module.get(t).expect("listed type is registered")),
                 )
             })
+            .collect();
+        let namespace_functions = shared
+            .module
+            .namespaces()
+            .map(|(n, f)| (n.to_owned(), local(f)))
             .collect();
         let durable = shared.backend.durable();
         let seq = shared.incarnation << 40;
@@ -420,6 +430,7 @@ impl Partition {
             shared,
             store,
             functions,
+            namespace_functions,
             mailboxes: HashMap::default(),
             parked: HashMap::default(),
             backlogged: HashSet::default(),
@@ -585,8 +596,8 @@ impl Partition {
             // message then goes into the target partition's inbox (or, if that runs
             // elsewhere, to its owner with the commit), like a message between functions.
             let receiver = self.shared.partition_of(&env.target);
-            let dispatchable = (receiver != self.id || !self.parked.contains_key(&env.target))
-                && self.functions.contains_key(env.target.type_name());
+            let dispatchable =
+                (receiver != self.id || !self.parked.contains_key(&env.target)) && self.resolve(env.target.type_name());
             if dispatchable {
                 let key = LogKey::Inbox {
                     sender: self.id,
@@ -821,7 +832,7 @@ impl Partition {
             let reason = DeadLetterReason::AddressParked { error: error.clone() };
             return self.dead_letter(env, reason);
         }
-        if !self.functions.contains_key(env.target.type_name()) {
+        if !self.resolve(env.target.type_name()) {
             let reason = DeadLetterReason::UnknownFunctionType(env.target.type_name().clone());
             return self.dead_letter(env, reason);
         }
@@ -1333,6 +1344,20 @@ impl Partition {
         let batch: Vec<Envelope> = mb.queue.drain(..take).collect();
         self.note_backlog(&address);
         self.start(address, batch);
+    }
+
+    /// Whether a function serves type `t`: its own, or its namespace's (which then gets
+    /// an entry for `t` on this partition, with `t`'s own registered states).
+    fn resolve(&mut self, t: &TypeName) -> bool {
+        if self.functions.contains_key(t) {
+            return true;
+        }
+        let Some(f) = self.namespace_functions.get(t.namespace()) else {
+            return false;
+        };
+        let f = f.clone();
+        self.functions.insert(t.clone(), f);
+        true
     }
 
     /// Keeps `backlogged` in step with `address`'s queue after messages left it.

@@ -211,3 +211,43 @@ async fn two_addresses_in_their_first_handshake_at_once_both_run_without_a_failu
     assert_eq!(report.partitions.iter().map(|p| p.failures).sum::<u64>(), 0);
     assert!(f.dead.letters().is_empty());
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_namespace_function_serves_every_type_of_its_namespace_each_with_its_own_handshake() {
+    let function = Discovers::default();
+    let module = Module::builder()
+        .with_namespace_function("shop", Arc::new(function.clone()))
+        .build()
+        .unwrap();
+    let dead = CollectingDeadLetters::new();
+    let runtime = Runtime::builder()
+        .config(RuntimeConfig {
+            partitions: 1,
+            ..Default::default()
+        })
+        .module(module)
+        .dead_letters(dead.clone())
+        .build()
+        .unwrap();
+    let h = runtime.handle();
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(runtime.run(stop.clone().cancelled_owned()));
+    let cart = Address::new(TypeName::from_static("shop/cart"), "1").unwrap();
+    let loyalty = Address::new(TypeName::from_static("shop/loyalty"), "1").unwrap();
+    for a in [&cart, &cart, &loyalty] {
+        h.send_value(a.clone(), &"x".to_string()).await.unwrap();
+        h.wait_idle().await;
+    }
+    assert_eq!(h.state(&cart, &COUNT).await.unwrap(), Some(2));
+    assert_eq!(h.state(&loyalty, &COUNT).await.unwrap(), Some(1));
+    // Each type did its own handshake: 2 requests for the first cart message, 1 for the
+    // second, 2 for loyalty's first.
+    assert_eq!(function.batches.lock().unwrap().len(), 5);
+    // Another namespace has no function.
+    let stray = Address::new(TypeName::from_static("other/cart"), "1").unwrap();
+    assert!(h.send_value(stray, &"x".to_string()).await.is_err());
+    stop.cancel();
+    let report = running.await.unwrap().unwrap();
+    assert_eq!(report.partitions.iter().map(|p| p.failures).sum::<u64>(), 0);
+    assert!(dead.letters().is_empty());
+}

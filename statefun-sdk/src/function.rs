@@ -191,10 +191,18 @@ pub enum ModuleError {
     },
 }
 
-/// The functions of an application, keyed by type.
+/// The functions of an application, keyed by type; a function may also serve every type
+/// of a namespace (StateFun's `functions: namespace/*`, see
+/// [`ModuleBuilder::with_namespace_function`]).
 #[derive(Debug, Clone, Default)]
 pub struct Module {
     functions: HashMap<TypeName, RegisteredFunction>,
+    namespaces: HashMap<String, RegisteredFunction>,
+}
+
+/// The type name under which a namespace function is registered: `namespace/*`.
+fn is_namespace_entry(t: &TypeName) -> bool {
+    t.name() == "*"
 }
 
 impl Module {
@@ -203,31 +211,47 @@ impl Module {
         ModuleBuilder::default()
     }
 
-    /// Looks a function up by type.
+    /// Looks a function up by type: the function registered for the type, else the one
+    /// registered for its namespace (whose spec's type name is `namespace/*`).
     pub fn get(&self, type_name: &TypeName) -> Option<&RegisteredFunction> {
-        self.functions.get(type_name)
+        self.functions
+            .get(type_name)
+            .or_else(|| self.namespaces.get(type_name.namespace()))
     }
 
-    /// All registered function types.
+    /// All function types registered one by one (not the namespace functions).
     pub fn types(&self) -> impl Iterator<Item = &TypeName> {
         self.functions.keys()
     }
 
-    /// Number of registered functions.
+    /// The namespaces served by a namespace function, with it.
+    pub fn namespaces(&self) -> impl Iterator<Item = (&str, &RegisteredFunction)> {
+        self.namespaces.iter().map(|(n, f)| (n.as_str(), f))
+    }
+
+    /// Number of registered functions (namespace functions included).
     pub fn len(&self) -> usize {
-        self.functions.len()
+        self.functions.len() + self.namespaces.len()
     }
 
     /// True when nothing is registered.
     pub fn is_empty(&self) -> bool {
-        self.functions.is_empty()
+        self.len() == 0
     }
 
-    /// Adds every function of `other`; fails on a type registered in both.
+    /// Adds every function of `other`; fails on a type (or namespace) registered in both.
     pub fn merge(mut self, other: Module) -> Result<Module, ModuleError> {
         for (t, f) in other.functions {
             match self.functions.entry(t) {
                 Entry::Occupied(e) => return Err(ModuleError::DuplicateFunction(e.key().clone())),
+                Entry::Vacant(v) => {
+                    v.insert(f);
+                }
+            }
+        }
+        for (n, f) in other.namespaces {
+            match self.namespaces.entry(n) {
+                Entry::Occupied(_) => return Err(ModuleError::DuplicateFunction(f.spec.type_name().clone())),
                 Entry::Vacant(v) => {
                     v.insert(f);
                 }
@@ -264,6 +288,20 @@ impl ModuleBuilder {
         self
     }
 
+    /// Registers a function for every type of `namespace` that has no function of its own
+    /// (StateFun's `functions: namespace/*`): a remote endpoint serving a namespace. The
+    /// runtime keeps the states each type registers (through the handshake) apart.
+    ///
+    /// # Panics
+    /// If `namespace` is empty or contains `/` or whitespace.
+    pub fn with_namespace_function(self, namespace: &str, function: Arc<dyn StatefulFunction>) -> Self {
+        let t = TypeName::from_parts(namespace, "*")
+            .ok()
+            .filter(|t| t.namespace() == namespace)
+            .unwrap_or_else(|| panic!("invalid namespace {namespace:?}"));
+        self.with_shared_function(FunctionSpec::new(t), function)
+    }
+
     /// Registers a synchronous closure as a function.
     pub fn with_fn<F>(self, spec: FunctionSpec, f: F) -> Self
     where
@@ -275,6 +313,7 @@ impl ModuleBuilder {
     /// Validates and builds the module.
     pub fn build(self) -> Result<Module, ModuleError> {
         let mut functions = HashMap::new();
+        let mut namespaces = HashMap::new();
         for (spec, function) in self.entries {
             let mut seen = std::collections::HashSet::new();
             for s in spec.states() {
@@ -285,18 +324,29 @@ impl ModuleBuilder {
                     });
                 }
             }
-            match functions.entry(spec.type_name().clone()) {
+            let t = spec.type_name().clone();
+            let registered = RegisteredFunction {
+                states: spec.states().to_vec().into(),
+                spec: Arc::new(spec),
+                function,
+            };
+            if is_namespace_entry(&t) {
+                match namespaces.entry(t.namespace().to_owned()) {
+                    Entry::Occupied(_) => return Err(ModuleError::DuplicateFunction(t)),
+                    Entry::Vacant(v) => {
+                        v.insert(registered);
+                    }
+                }
+                continue;
+            }
+            match functions.entry(t) {
                 Entry::Occupied(e) => return Err(ModuleError::DuplicateFunction(e.key().clone())),
                 Entry::Vacant(v) => {
-                    v.insert(RegisteredFunction {
-                        states: spec.states().to_vec().into(),
-                        spec: Arc::new(spec),
-                        function,
-                    });
+                    v.insert(registered);
                 }
             }
         }
-        Ok(Module { functions })
+        Ok(Module { functions, namespaces })
     }
 }
 
@@ -319,6 +369,22 @@ mod tests {
             .with_fn(FunctionSpec::new(T).with_state(S).with_state(S), |_, _| Ok(()))
             .build();
         assert!(matches!(dup_state, Err(ModuleError::DuplicateState { .. })));
+    }
+
+    #[test]
+    fn a_namespace_function_serves_the_types_without_their_own() {
+        let own = TypeName::from_static("shop/cart");
+        let m = Module::builder()
+            .with_fn(FunctionSpec::new(own.clone()).with_state(S), |_, _| Ok(()))
+            .with_namespace_function("shop", Arc::new(FnFunction(|_: &mut Context, _: Message| Ok(()))))
+            .build()
+            .unwrap();
+        assert_eq!(m.get(&own).unwrap().states().len(), 1);
+        let other = m.get(&TypeName::from_static("shop/loyalty")).unwrap();
+        assert_eq!(other.spec().type_name().as_str(), "shop/*");
+        assert!(m.get(&TypeName::from_static("elsewhere/cart")).is_none());
+        assert_eq!((m.len(), m.types().count(), m.namespaces().count()), (2, 1, 1));
+        assert!(m.clone().merge(m).is_err(), "a namespace registered twice");
     }
 
     #[test]
