@@ -64,7 +64,9 @@ pub struct RemoteOptions {
     pub connect_timeout: Duration,
     /// Idle pooled connections are closed after this (StateFun's `pool_ttl`). Default 15 s.
     pub pool_ttl: Duration,
-    /// Idle pooled connections kept per host (StateFun's `pool_size`). Default 1024.
+    /// Connections per HTTP transport at most (StateFun's `pool_size`): requests beyond
+    /// it wait for a connection (counted in the call timeout) instead of opening more.
+    /// Default 1024.
     pub pool_size: usize,
     /// Largest answer accepted (StateFun's `payload_max_bytes`). Default 32 MiB.
     pub max_response_bytes: usize,
@@ -101,6 +103,9 @@ pub enum SetupError {
         /// What is wrong.
         reason: String,
     },
+    /// A gRPC channel is created inside a tokio runtime (it spawns its connection task).
+    #[error("a gRPC transport must be created inside a tokio runtime")]
+    NoRuntime,
     /// The HTTP client could not be built.
     #[error("cannot build the HTTP client: {0}")]
     Client(#[from] reqwest::Error),
@@ -148,6 +153,8 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 #[derive(Debug, Clone)]
 pub struct HttpTransport {
     client: reqwest::Client,
+    /// One permit per connection (`pool_size`).
+    connections: Arc<tokio::sync::Semaphore>,
     options: Arc<RemoteOptions>,
 }
 
@@ -162,6 +169,7 @@ impl HttpTransport {
             .build()?;
         Ok(HttpTransport {
             client,
+            connections: Arc::new(tokio::sync::Semaphore::new(options.pool_size.max(1))),
             options: Arc::new(options),
         })
     }
@@ -181,6 +189,7 @@ impl HttpTransport {
         Ok(RemoteFunction {
             endpoint: Endpoint::Http {
                 client: self.client.clone(),
+                connections: Arc::clone(&self.connections),
                 url: parsed,
             },
             url: Arc::from(url),
@@ -199,8 +208,12 @@ pub struct GrpcTransport {
 }
 
 impl GrpcTransport {
-    /// A lazily connected channel to `url` (`http://host:port`).
+    /// A lazily connected channel to `url` (`http://host:port`). Call it inside a tokio
+    /// runtime: the channel's connection task runs there.
     pub fn new(url: &str, options: RemoteOptions) -> Result<GrpcTransport, SetupError> {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(SetupError::NoRuntime);
+        }
         let invalid = |reason: String| SetupError::Url {
             url: url.to_owned(),
             reason,
@@ -242,6 +255,7 @@ impl GrpcTransport {
 enum Endpoint {
     Http {
         client: reqwest::Client,
+        connections: Arc<tokio::sync::Semaphore>,
         url: reqwest::Url,
     },
     Grpc {
@@ -302,7 +316,14 @@ impl RemoteFunction {
 
     async fn attempt(&self, request: &ToFunction, body: Bytes) -> Result<FromFunction, Attempt> {
         match &self.endpoint {
-            Endpoint::Http { client, url } => self.attempt_http(client, url, body).await,
+            Endpoint::Http {
+                client,
+                connections,
+                url,
+            } => {
+                let _connection = connections.acquire().await.expect("the semaphore is never closed");
+                self.attempt_http(client, url, body).await
+            }
             Endpoint::Grpc { client } => {
                 let mut client = client.clone();
                 match client.invoke(request.clone()).await {
