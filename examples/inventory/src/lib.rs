@@ -70,6 +70,67 @@ pub struct AppConfig {
     pub abandon_after: Duration,
     /// Length of the per-SKU analytics windows.
     pub window: Duration,
+    /// Where the cart function runs: `None` embedded in the runtime, or a remote
+    /// process serving [`cart_module`] (`inventory-node cart-server`).
+    pub remote_cart: Option<RemoteCart>,
+}
+
+/// The cart function served by another process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteCart {
+    /// `http://host:port/path` (StateFun's HTTP protocol) or `http://host:port` (gRPC).
+    pub url: String,
+    /// How it is reached.
+    pub transport: RemoteTransport,
+}
+
+/// How a remote function is reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RemoteTransport {
+    /// StateFun's request-reply protocol over HTTP.
+    Http,
+    /// statefun-rs's gRPC service.
+    Grpc,
+}
+
+/// The command-line flags that place the cart (shared by the example's binaries).
+#[derive(Debug, Clone, clap::Args)]
+pub struct RemoteCartArgs {
+    /// Run the cart as a remote function served at this URL by `inventory-node
+    /// cart-server` (HTTP: `http://HOST:PORT/statefun`; gRPC: `http://HOST:PORT`).
+    /// Without it, the cart runs embedded.
+    #[arg(long)]
+    pub remote_cart: Option<String>,
+    /// How the remote cart is reached.
+    #[arg(long, value_enum, default_value_t = RemoteTransport::Http)]
+    pub remote_cart_transport: RemoteTransport,
+}
+
+impl RemoteCartArgs {
+    /// The placement the flags ask for.
+    pub fn remote_cart(&self) -> Option<RemoteCart> {
+        self.remote_cart.as_ref().map(|url| RemoteCart {
+            url: url.clone(),
+            transport: self.remote_cart_transport,
+        })
+    }
+}
+
+impl RemoteCart {
+    /// The function the runtime registers for the cart: it declares no state (the cart
+    /// names its basket in the state handshake).
+    pub fn function(&self) -> anyhow::Result<Arc<dyn StatefulFunction>> {
+        let options = statefun_remote::RemoteOptions {
+            // A cart that stays unreachable this long is parked (after the runtime's
+            // retries), its messages dead-lettered.
+            call_timeout: Duration::from_secs(10),
+            ..Default::default()
+        };
+        Ok(match self.transport {
+            RemoteTransport::Http => Arc::new(statefun_remote::HttpTransport::new(options)?.function(&self.url)?),
+            RemoteTransport::Grpc => Arc::new(statefun_remote::GrpcTransport::new(&self.url, options)?.function()),
+        })
+    }
 }
 
 impl AppConfig {
@@ -79,17 +140,16 @@ impl AppConfig {
             region: region.into(),
             abandon_after: functions::DEFAULT_ABANDON_AFTER,
             window: Duration::from_secs(2),
+            remote_cart: None,
         }
     }
 }
 
-/// The region's functions; product images live in `store`.
-pub fn module(
-    config: AppConfig,
-    store: Arc<dyn object_store::ObjectStore>,
-) -> Result<Module, statefun_sdk::ModuleError> {
-    let (c1, c2) = (config.clone(), config);
-    Module::builder()
+/// The region's functions; product images live in `store`. The cart is embedded, or
+/// reached remotely when `config.remote_cart` says so.
+pub fn module(config: AppConfig, store: Arc<dyn object_store::ObjectStore>) -> anyhow::Result<Module> {
+    let c1 = config.clone();
+    let functions = Module::builder()
         .with_function(ProductIntake::spec(), ProductIntake::new(store))
         .with_fn(
             FunctionSpec::new(INVENTORY)
@@ -98,9 +158,23 @@ pub fn module(
                 .with_state(WINDOW),
             move |ctx, msg| functions::inventory(ctx, msg, &c1),
         )
-        .with_fn(FunctionSpec::new(CART).with_state(BASKET), move |ctx, msg| {
-            functions::cart(ctx, msg, &c2)
-        })
         .with_fn(FunctionSpec::new(LOYALTY).with_state(ACCOUNT), functions::loyalty)
+        .build()?;
+    let cart = match &config.remote_cart {
+        None => cart_module(config)?,
+        Some(remote) => Module::builder()
+            .with_shared_function(FunctionSpec::new(CART), remote.function()?)
+            .build()?,
+    };
+    Ok(functions.merge(cart)?)
+}
+
+/// The cart function alone, as the runtime embeds it and as a remote process serves it
+/// (`inventory-node cart-server`): the same code either way.
+pub fn cart_module(config: AppConfig) -> Result<Module, statefun_sdk::ModuleError> {
+    Module::builder()
+        .with_fn(FunctionSpec::new(CART).with_state(BASKET), move |ctx, msg| {
+            functions::cart(ctx, msg, &config)
+        })
         .build()
 }

@@ -80,6 +80,9 @@ struct Args {
     /// Kafka mode: commit interval in milliseconds.
     #[arg(long, default_value_t = 100)]
     commit_interval_ms: u64,
+    /// The cart as a remote function (one region only: a cart server serves one).
+    #[command(flatten)]
+    cart: inventory::RemoteCartArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -98,6 +101,9 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if args.regions == 0 {
         bail!("--regions must be at least 1");
+    }
+    if args.cart.remote_cart.is_some() && args.regions != 1 {
+        bail!("--remote-cart serves one region (its orders carry the region's name): add --regions 1");
     }
     let kafka = match &args.brokers {
         None => None,
@@ -133,6 +139,9 @@ async fn main() -> anyhow::Result<()> {
         "statefun-rs retail demo: {} region(s), {} SKUs and {} customers each, {} partitions, {:?} state, {} s of traffic at {} records/s",
         args.regions, args.skus, args.customers, args.partitions, args.state, args.seconds, args.rate
     );
+    if let Some(cart) = args.cart.remote_cart() {
+        println!("cart: a remote function at {} ({:?})", cart.url, cart.transport);
+    }
     if let Some(k) = &kafka {
         println!(
             "on Kafka at {}: {} instance(s) per region, topics {}, commit interval {:?}",
@@ -157,7 +166,10 @@ async fn main() -> anyhow::Result<()> {
             State::Memory => StateKind::Memory,
         };
         let region_dir = dir.path().join(n);
-        let app = AppConfig::new(n);
+        let app = AppConfig {
+            remote_cart: args.cart.remote_cart(),
+            ..AppConfig::new(n)
+        };
         regions.push(match &kafka {
             None => Region::start(load, app, args.partitions, state, &region_dir, &stop).await?,
             Some(k) => Region::start_kafka(load, app, args.partitions, k.clone(), &region_dir, &stop).await?,

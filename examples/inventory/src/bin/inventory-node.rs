@@ -13,6 +13,10 @@
 //!   `--rate`, and writes its ledger (what it sent) for `check`.
 //! * `analytics`: the central analytics consumer. Reads every region's orders and SKU
 //!   windows (`read_committed`) and prints the global view every `--every` seconds.
+//! * `cart-server`: the region's cart function as a remote function in its own process
+//!   (HTTP and gRPC on one port, holding no state). Start the instances with
+//!   `--remote-cart http://HOST:PORT/statefun` to use it instead of the embedded cart:
+//!   the same function code either way.
 //! * `check`: waits until the region has processed everything and its timers have
 //!   fired, reads its state from the changelog topic and its egress from the topics,
 //!   and checks the business invariants against the ledger. Exit 0 = PASS, 1 = FAIL.
@@ -75,6 +79,21 @@ enum Command {
         /// Length of the per-SKU analytics windows, in milliseconds.
         #[arg(long, default_value_t = 2_000)]
         window_ms: u64,
+        #[command(flatten)]
+        cart: inventory::RemoteCartArgs,
+    },
+    /// Serve the region's cart function remotely (HTTP and gRPC) until SIGTERM / Ctrl-C.
+    CartServer {
+        /// The region whose orders the cart writes.
+        #[arg(long)]
+        region: String,
+        /// Address to listen on (port 0 picks a free port; the address is printed).
+        #[arg(long, default_value = "127.0.0.1:8000")]
+        listen: std::net::SocketAddr,
+        /// An open basket with no counter event for this long (milliseconds) is
+        /// abandoned; the cart's timer, so it is set here, not on the instances.
+        #[arg(long, default_value_t = 30_000)]
+        abandon_after_ms: u64,
     },
     /// Produce a region's traffic, then write the ledger.
     Generate {
@@ -163,6 +182,7 @@ async fn main() -> anyhow::Result<()> {
             commit_interval_ms,
             abandon_after_ms,
             window_ms,
+            cart,
         } => {
             create_topics(&args.brokers, &topics, &region, partitions).await?;
             let config = InstanceConfig {
@@ -171,6 +191,7 @@ async fn main() -> anyhow::Result<()> {
                 app: AppConfig {
                     abandon_after: Duration::from_millis(abandon_after_ms),
                     window: Duration::from_millis(window_ms),
+                    remote_cart: cart.remote_cart(),
                     ..AppConfig::new(&region)
                 },
                 instance_id,
@@ -181,6 +202,27 @@ async fn main() -> anyhow::Result<()> {
             let report =
                 inventory::kafka::run_instance(config, local_object_store(&objects)?, shutdown_signal()).await?;
             tracing::info!(generations = report.generations, "instance stopped");
+        }
+        Command::CartServer {
+            region,
+            listen,
+            abandon_after_ms,
+        } => {
+            let app = AppConfig {
+                abandon_after: Duration::from_millis(abandon_after_ms),
+                ..AppConfig::new(&region)
+            };
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("cannot listen on {listen}"))?;
+            let at = listener.local_addr()?;
+            // The first line is the address, for scripts and tests.
+            println!("{at}");
+            println!("cart of region {region}: HTTP POST http://{at}/statefun, gRPC http://{at}");
+            let stop = shutdown_signal();
+            statefun_sdk::remote::RemoteServer::new(inventory::cart_module(app)?)
+                .serve(listener, stop.cancelled_owned())
+                .await?;
         }
         Command::Generate {
             region,
