@@ -13,7 +13,7 @@
 //! same `transactional.id` fences the old one (its open transaction is aborted, its
 //! later commits fail), so a zombie can never commit after its successor started.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -28,7 +28,8 @@ use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, Prod
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use statefun_runtime::PartitionId;
 use statefun_runtime::state::{Changelog, CommitUnit, Error as StateError, RawOp};
-use statefun_sdk::TypeName;
+use statefun_sdk::protocol::egress::KafkaProducerRecord;
+use statefun_sdk::{TypeName, ValueType};
 
 use crate::{Error, kafka};
 
@@ -49,6 +50,12 @@ pub struct KafkaChangelogConfig {
     /// Egress ids whose records are committed in the transaction, and their topics
     /// (which must exist).
     pub egress_topics: HashMap<TypeName, String>,
+    /// Egress ids whose records are StateFun Kafka records (`KafkaProducerRecord`, what
+    /// remote functions write): each is produced to the topic it names, with its key and
+    /// value, in the transaction. The topics it may name (which must exist); a record of
+    /// another type or naming another topic is refused (and dead-lettered by the
+    /// runtime).
+    pub record_egresses: HashMap<TypeName, BTreeSet<String>>,
     /// Replication factor of a created changelog topic. Default: 1.
     pub replication_factor: i32,
     /// Create the changelog topic if it is missing (admin API). Set it to false where
@@ -79,6 +86,7 @@ impl KafkaChangelogConfig {
             partitions,
             transactional_id: transactional_id.into(),
             egress_topics: HashMap::new(),
+            record_egresses: HashMap::new(),
             replication_factor: 1,
             create_topic: true,
             timeout: Duration::from_secs(30),
@@ -90,6 +98,18 @@ impl KafkaChangelogConfig {
     /// Commits the records of egress `egress` to `topic`, in the transaction.
     pub fn egress(mut self, egress: TypeName, topic: impl Into<String>) -> KafkaChangelogConfig {
         self.egress_topics.insert(egress, topic.into());
+        self
+    }
+
+    /// Commits the StateFun Kafka records of egress `egress` to the topic each names,
+    /// one of `topics`, in the transaction (see `record_egresses`).
+    pub fn record_egress(
+        mut self,
+        egress: TypeName,
+        topics: impl IntoIterator<Item = impl Into<String>>,
+    ) -> KafkaChangelogConfig {
+        self.record_egresses
+            .insert(egress, topics.into_iter().map(Into::into).collect());
         self
     }
 }
@@ -271,7 +291,12 @@ impl KafkaChangelog {
                 source: KafkaError::MetadataFetch(RDKafkaErrorCode::InvalidPartitions),
             });
         }
-        for topic in self.config.egress_topics.values() {
+        for topic in self
+            .config
+            .egress_topics
+            .values()
+            .chain(self.config.record_egresses.values().flatten())
+        {
             if partitions_of(topic)? == 0 {
                 return Err(Error {
                     what: format!("egress topic {topic} does not exist; create it first").into(),
@@ -331,6 +356,30 @@ impl KafkaChangelog {
         }
     }
 
+    /// The StateFun Kafka record of a record egress, if it is one and names one of the
+    /// egress's topics.
+    fn kafka_record(
+        &self,
+        egress: &TypeName,
+        message: &statefun_sdk::TypedValue,
+    ) -> Result<KafkaProducerRecord, String> {
+        let topics = self.config.record_egresses.get(egress).ok_or("not a record egress")?;
+        let record: KafkaProducerRecord = message.decode().map_err(|e| {
+            format!(
+                "expected a {} (a StateFun Kafka egress record), got {}: {e}",
+                KafkaProducerRecord::TYPE_NAME,
+                message.type_name()
+            )
+        })?;
+        if !topics.contains(&record.topic) {
+            return Err(format!(
+                "the record names topic {:?}, which is not one of the egress's topics {topics:?}",
+                record.topic
+            ));
+        }
+        Ok(record)
+    }
+
     fn produce(&self, unit: &CommitUnit) -> Result<(), StateError> {
         for (p, changes) in &unit.changes {
             for (key, value) in changes {
@@ -344,6 +393,14 @@ impl KafkaChangelog {
             }
         }
         for record in &unit.egress {
+            if self.config.record_egresses.contains_key(&record.egress) {
+                // Checked before the write (`check_egress`): a record here is valid.
+                let r = self
+                    .kafka_record(&record.egress, &record.message)
+                    .map_err(|e| StateError::Permanent(format!("egress {}: {e}", record.egress)))?;
+                self.send(crate::producer_record(&r, record))?;
+                continue;
+            }
             let topic =
                 self.config.egress_topics.get(&record.egress).ok_or_else(|| {
                     StateError::Permanent(format!("no topic configured for egress {}", record.egress))
@@ -405,7 +462,14 @@ impl KafkaChangelog {
 
 impl Changelog for KafkaChangelog {
     fn takes_egress(&self, egress: &TypeName) -> bool {
-        self.config.egress_topics.contains_key(egress)
+        self.config.egress_topics.contains_key(egress) || self.config.record_egresses.contains_key(egress)
+    }
+
+    fn check_egress(&self, egress: &TypeName, message: &statefun_sdk::TypedValue) -> Result<(), String> {
+        if self.config.record_egresses.contains_key(egress) {
+            self.kafka_record(egress, message)?;
+        }
+        Ok(())
     }
 
     /// A transient failure before `commit_transaction` aborts the transaction: nothing

@@ -91,6 +91,10 @@ pub struct KafkaClusterConfig {
     pub start: StartPosition,
     /// Egress ids committed in the transaction, and their topics (which must exist).
     pub egress_topics: HashMap<TypeName, String>,
+    /// Egress ids whose records are StateFun Kafka records naming their topic (one of
+    /// the given topics, which must exist), committed in the transaction (see
+    /// `KafkaChangelogConfig::record_egresses`).
+    pub record_egresses: HashMap<TypeName, std::collections::BTreeSet<String>>,
     /// How long a silent instance keeps its partitions (`session.timeout.ms`). Default:
     /// 10 s.
     pub session_timeout: Duration,
@@ -139,6 +143,7 @@ impl KafkaClusterConfig {
             ingress: Vec::new(),
             start: StartPosition::Earliest,
             egress_topics: HashMap::new(),
+            record_egresses: HashMap::new(),
             session_timeout: Duration::from_secs(10),
             rebalance_timeout: Duration::from_secs(60),
             assignment: Assignment::Cooperative,
@@ -157,6 +162,18 @@ impl KafkaClusterConfig {
     /// Commits the records of egress `egress` to `topic`, in the transaction.
     pub fn egress(mut self, egress: TypeName, topic: impl Into<String>) -> KafkaClusterConfig {
         self.egress_topics.insert(egress, topic.into());
+        self
+    }
+
+    /// Commits the StateFun Kafka records of egress `egress` (what remote functions
+    /// write) to the topic each names, one of `topics`, in the transaction.
+    pub fn record_egress(
+        mut self,
+        egress: TypeName,
+        topics: impl IntoIterator<Item = impl Into<String>>,
+    ) -> KafkaClusterConfig {
+        self.record_egresses
+            .insert(egress, topics.into_iter().map(Into::into).collect());
         self
     }
 
@@ -335,6 +352,7 @@ impl KafkaCluster {
             format!("{}-{}", config.application_id, config.instance_id),
         );
         changelog_config.egress_topics = config.egress_topics.clone();
+        changelog_config.record_egresses = config.record_egresses.clone();
         changelog_config.replication_factor = config.replication_factor;
         changelog_config.timeout = config.timeout;
         changelog_config.internal_topic = Some(internal.clone());

@@ -52,6 +52,7 @@ use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedPr
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use statefun_runtime::egress::{DeadLetter, DeadLetterSink, Egress, EgressRecord, Error as EgressError};
 use statefun_runtime::ingress::{Error as IngressError, Ingress, IngressRecord, IngressSink, SourcePosition};
+use statefun_sdk::protocol::egress::KafkaProducerRecord;
 use tokio_util::sync::CancellationToken;
 
 /// A Kafka record as a message to a function (what [`RecordRouter`] delivers).
@@ -449,6 +450,22 @@ impl Egress for KafkaEgress {
             .send(egress_record(&self.topic, &record))
             .map_err(|(e, _)| EgressError::Rejected(format!("kafka producer refused the record: {e}")))
     }
+}
+
+/// A StateFun Kafka record (written by a remote function) as a Kafka record: its topic,
+/// its key (none when empty), its value; headers = the egress record's id if it has one.
+fn producer_record<'a>(r: &'a KafkaProducerRecord, record: &'a EgressRecord) -> BaseRecord<'a, [u8], [u8]> {
+    let mut out = BaseRecord::to(&r.topic).payload(r.value_bytes.as_ref());
+    if !r.key.is_empty() {
+        out = out.key(r.key.as_bytes());
+    }
+    if let Some(id) = record.id {
+        out = out.headers(OwnedHeaders::new().insert(Header {
+            key: EGRESS_ID_HEADER,
+            value: Some(id.to_string().as_str()),
+        }));
+    }
+    out
 }
 
 /// An egress record as a Kafka record to `topic`: key = the producing address's id,

@@ -299,3 +299,77 @@ async fn a_changelog_topic_with_another_partition_count_and_a_missing_egress_top
     .to_string();
     assert!(e.contains(&missing) && e.contains("does not exist"), "{e}");
 }
+
+/// A record egress: the function writes StateFun Kafka records (as a remote function
+/// does), each produced to the topic it names with its key and value, in the
+/// transaction; a record naming a topic the egress does not list is dead-lettered with
+/// the reason, and the others are committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statefun_kafka_records_go_to_the_topic_they_name_and_an_unlisted_topic_is_dead_lettered() {
+    use statefun_sdk::protocol::egress::KafkaProducerRecord;
+    let t = Topics::new().await;
+    let output = t.output.clone();
+    let module = Module::builder()
+        .with_fn(FunctionSpec::new(COUNTER), move |ctx, msg| {
+            let value = msg.bytes().cloned().unwrap_or_default();
+            let topic = if &value[..] == b"bad" {
+                "not-listed".to_owned()
+            } else {
+                output.clone()
+            };
+            let record = KafkaProducerRecord {
+                key: ctx.self_address().id().to_owned(),
+                value_bytes: value,
+                topic,
+            };
+            ctx.send_egress(OUT, &record)?;
+            Ok(())
+        })
+        .build()
+        .unwrap();
+    let config = KafkaChangelogConfig::new(bootstrap(), &t.changelog, PARTITIONS, &t.transactional_id)
+        .record_egress(OUT, [t.output.clone()]);
+    let changelog = KafkaChangelog::connect(config).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let rocks = RocksDbBackend::open(dir.path(), Default::default()).unwrap();
+    let (backend, _) =
+        ChangelogBackend::open(rocks, Arc::new(changelog), PARTITIONS, Duration::from_millis(50)).unwrap();
+    let dead = statefun_runtime::CollectingDeadLetters::new();
+    let runtime = Runtime::builder()
+        .config(RuntimeConfig {
+            partitions: PARTITIONS,
+            ..Default::default()
+        })
+        .module(module)
+        .state_backend(backend)
+        .dead_letters(dead.clone())
+        .build()
+        .unwrap();
+    let h = runtime.handle();
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(runtime.run(stop.clone().cancelled_owned()));
+    for (id, value) in [("a", "one"), ("b", "bad"), ("c", "three")] {
+        let message = TypedValue::from_bytes(TypeName::from_static("test/str"), value.as_bytes().to_vec());
+        h.send(Address::new(COUNTER, id).unwrap(), message).await.unwrap();
+    }
+    let records = consume(&t.output, 2).await;
+    h.wait_idle().await;
+    stop.cancel();
+    run.await.unwrap().unwrap();
+    let mut got: Vec<(String, String)> = records
+        .iter()
+        .map(|m| {
+            (
+                String::from_utf8(m.key().unwrap().to_vec()).unwrap(),
+                String::from_utf8(m.payload().unwrap().to_vec()).unwrap(),
+            )
+        })
+        .collect();
+    got.sort();
+    assert_eq!(got, [("a".into(), "one".into()), ("c".into(), "three".into())]);
+    let dead = dead.letters();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    let reason = dead[0].reason.to_string();
+    assert!(reason.contains(r#"names topic "not-listed""#), "{reason}");
+    assert_eq!(dead[0].caller.as_ref().unwrap().id(), "b");
+}

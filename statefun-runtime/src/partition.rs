@@ -1001,10 +1001,23 @@ impl Partition {
             state: mutations,
             outgoing,
             mut delayed,
-            egress,
+            mut egress,
         } = effects;
         if notify {
             self.expiry_notices(&address, &mutations, &touched, &mut delayed);
+        }
+        // Records a committing backend would refuse (e.g. a Kafka record naming a topic
+        // that is not configured) are dead-lettered after the write, not committed.
+        let mut refused = Vec::new();
+        if self.durable {
+            let backend = &self.shared.backend;
+            egress.retain(|e| match backend.check_egress(&e.egress, &e.message) {
+                Ok(()) => true,
+                Err(error) => {
+                    refused.push((e.clone(), error));
+                    false
+                }
+            });
         }
         let mut wb = WriteBatch::default();
         // 1. State. Values whose expiry notice was delivered are deleted now.
@@ -1070,6 +1083,19 @@ impl Partition {
                 error: format!("cannot write state: {e}"),
             };
             return self.on_failure(address, batch, failure);
+        }
+        for (e, error) in refused {
+            self.stats.dead_letters += 1;
+            self.shared.dead_letter(DeadLetter {
+                reason: DeadLetterReason::EgressFailed {
+                    egress: e.egress,
+                    error,
+                },
+                target: None,
+                caller: Some(address.clone()),
+                message: Some(e.message),
+                record: None,
+            });
         }
         // 2. Messages to functions.
         self.shared.begin(out.len());

@@ -89,6 +89,12 @@ pub trait Changelog: Send + Sync + 'static {
     /// egress sinks.
     fn takes_egress(&self, egress: &TypeName) -> bool;
 
+    /// Whether this changelog can commit `message` for egress `egress` (see
+    /// [`StateBackend::check_egress`](super::StateBackend::check_egress)). Default: yes.
+    fn check_egress(&self, _egress: &TypeName, _message: &statefun_sdk::TypedValue) -> Result<(), String> {
+        Ok(())
+    }
+
     /// Makes `unit` durable, atomically: after `Ok` every change and egress record of
     /// it is committed; after `Err` none is (the backend keeps the unit and retries it,
     /// merged with later changes). Returns, per partition with changes, the changelog
@@ -314,6 +320,10 @@ impl StateBackend for ChangelogBackend {
 
     fn takes_egress(&self, egress: &TypeName) -> bool {
         self.inner.changelog.takes_egress(egress)
+    }
+
+    fn check_egress(&self, egress: &TypeName, message: &statefun_sdk::TypedValue) -> Result<(), String> {
+        self.inner.changelog.check_egress(egress, message)
     }
 
     fn owned_partitions(&self) -> Option<Vec<PartitionId>> {

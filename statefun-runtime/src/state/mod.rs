@@ -216,6 +216,18 @@ pub trait StateBackend: Send + Sync + 'static {
         false
     }
 
+    /// Whether the backend would commit this record of egress `egress` (one it
+    /// [takes](StateBackend::takes_egress)); `Err` says why not, and the runtime
+    /// dead-letters the record instead of writing it. Called before the batch's write.
+    /// Default: every record is fine.
+    fn check_egress(
+        &self,
+        _egress: &statefun_sdk::TypeName,
+        _message: &statefun_sdk::TypedValue,
+    ) -> Result<(), String> {
+        Ok(())
+    }
+
     /// How often the runtime calls [`StateBackend::commit`]: `Some` for a backend whose
     /// writes become durable only when committed. Default: `None`.
     fn commit_interval(&self) -> Option<std::time::Duration> {
