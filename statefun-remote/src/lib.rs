@@ -48,9 +48,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use prost::Message as _;
 use statefun_protocol::grpc::remote_function_client::RemoteFunctionClient;
-use statefun_sdk::protocol::reqreply::{FromFunction, ToFunction};
+use statefun_sdk::protocol::reqreply::{FromFunction, ToFunction, to_function};
 use statefun_sdk::protocol::{CONTENT_TYPE, apply_response, batch_request};
-use statefun_sdk::{BatchError, Context, FunctionResult, Invocation, Message, StatefulFunction};
+use statefun_sdk::{
+    BatchError, Context, FunctionResult, FunctionSpec, Invocation, Message, Module, ModuleBuilder, StatefulFunction,
+};
 use tokio::time::Instant;
 
 pub mod module;
@@ -109,6 +111,53 @@ pub enum SetupError {
     /// The HTTP client could not be built.
     #[error("cannot build the HTTP client: {0}")]
     Client(#[from] reqwest::Error),
+    /// Two endpoints serve the same function type or namespace.
+    #[error(transparent)]
+    Module(#[from] statefun_sdk::ModuleError),
+}
+
+/// The remote functions that `spec`'s endpoints declare, as a [`Module`]: an endpoint
+/// for one function type registers a [`RemoteFunction`] for it; one for `namespace/*`
+/// registers a namespace function (its URL template resolved per type at each call).
+/// No state is declared: the handshake registers it. Each HTTP endpoint gets its own
+/// pooled client with the endpoint's timeouts and pool settings. Create it inside a
+/// tokio runtime when there are gRPC endpoints.
+pub fn remote_module(spec: &module::ModuleSpec) -> Result<Module, SetupError> {
+    fn register(b: ModuleBuilder, pattern: &module::FunctionsPattern, f: RemoteFunction) -> ModuleBuilder {
+        let f: Arc<dyn StatefulFunction> = Arc::new(f);
+        match pattern {
+            module::FunctionsPattern::Type(t) => b.with_shared_function(FunctionSpec::new(t.clone()), f),
+            module::FunctionsPattern::Namespace(ns) => b.with_namespace_function(ns, f),
+        }
+    }
+    let mut builder = Module::builder();
+    for e in &spec.endpoints {
+        let http = HttpTransport::new(RemoteOptions {
+            call_timeout: e.call_timeout,
+            connect_timeout: e.connect_timeout,
+            pool_ttl: e.pool_ttl,
+            pool_size: e.pool_size as usize,
+            max_response_bytes: usize::try_from(e.payload_max_bytes).unwrap_or(usize::MAX),
+            ..Default::default()
+        })?;
+        let url = match &e.functions {
+            module::FunctionsPattern::Type(t) => e.url(t),
+            module::FunctionsPattern::Namespace(_) => e.url_path_template.clone(),
+        };
+        builder = register(builder, &e.functions, http.function(&url)?);
+    }
+    for e in &spec.grpc_endpoints {
+        let grpc = GrpcTransport::new(
+            &e.url,
+            RemoteOptions {
+                call_timeout: e.call_timeout,
+                connect_timeout: e.connect_timeout,
+                ..Default::default()
+            },
+        )?;
+        builder = register(builder, &e.functions, grpc.function());
+    }
+    Ok(builder.build()?)
 }
 
 /// A remote call that failed for good (after the transport's retries).
@@ -175,27 +224,50 @@ impl HttpTransport {
     }
 
     /// The function served at `url` (POST of `ToFunction`, answered with `FromFunction`).
+    /// In a URL template (StateFun's `urlPathTemplate`), `{function.name}` is replaced by
+    /// the name of the target's function type at each call: one `RemoteFunction` then
+    /// serves a whole namespace (`Module` namespace functions).
     pub fn function(&self, url: &str) -> Result<RemoteFunction, SetupError> {
-        let parsed = reqwest::Url::parse(url).map_err(|e| SetupError::Url {
-            url: url.to_owned(),
-            reason: e.to_string(),
-        })?;
-        if parsed.scheme() != "http" {
-            return Err(SetupError::Url {
-                url: url.to_owned(),
-                reason: "only http:// is supported (no TLS stack is compiled in)".to_owned(),
-            });
-        }
+        let target = if url.contains(FUNCTION_NAME) {
+            // Checked with a sample name: the template makes valid URLs.
+            check_url(&url.replace(FUNCTION_NAME, "f"))?;
+            HttpUrl::Template(Arc::from(url))
+        } else {
+            HttpUrl::Fixed(check_url(url)?)
+        };
         Ok(RemoteFunction {
             endpoint: Endpoint::Http {
                 client: self.client.clone(),
                 connections: Arc::clone(&self.connections),
-                url: parsed,
+                url: target,
             },
             url: Arc::from(url),
             options: Arc::clone(&self.options),
         })
     }
+}
+
+/// The placeholder of a URL template (StateFun substitutes only this one).
+const FUNCTION_NAME: &str = "{function.name}";
+
+fn check_url(url: &str) -> Result<reqwest::Url, SetupError> {
+    let parsed = reqwest::Url::parse(url).map_err(|e| SetupError::Url {
+        url: url.to_owned(),
+        reason: e.to_string(),
+    })?;
+    if parsed.scheme() != "http" {
+        return Err(SetupError::Url {
+            url: url.to_owned(),
+            reason: "only http:// is supported (no TLS stack is compiled in)".to_owned(),
+        });
+    }
+    Ok(parsed)
+}
+
+#[derive(Debug, Clone)]
+enum HttpUrl {
+    Fixed(reqwest::Url),
+    Template(Arc<str>),
 }
 
 /// A connection to statefun-rs's gRPC service (`RemoteFunction.Invoke`), HTTP/2 over
@@ -256,7 +328,7 @@ enum Endpoint {
     Http {
         client: reqwest::Client,
         connections: Arc<tokio::sync::Semaphore>,
-        url: reqwest::Url,
+        url: HttpUrl,
     },
     Grpc {
         client: RemoteFunctionClient<tonic::transport::Channel>,
@@ -278,12 +350,39 @@ impl RemoteFunction {
     pub async fn call(&self, request: ToFunction) -> Result<FromFunction, CallError> {
         let started = Instant::now();
         let deadline = started + self.options.call_timeout;
+        let failed = |url: &str, error: String, attempts, retryable| CallError {
+            url: url.to_owned(),
+            attempts,
+            elapsed_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            error,
+            retryable,
+        };
+        let (url, shown) = match &self.endpoint {
+            Endpoint::Http {
+                url: HttpUrl::Template(t),
+                ..
+            } => {
+                let name = match &request.request {
+                    Some(to_function::Request::Invocation(b)) => b.target.as_ref().map(|t| t.r#type.as_str()),
+                    None => None,
+                }
+                .unwrap_or_default();
+                let resolved = t.replace(FUNCTION_NAME, name);
+                let url = check_url(&resolved).map_err(|e| failed(&resolved, e.to_string(), 0, false))?;
+                (Some(url), resolved)
+            }
+            Endpoint::Http {
+                url: HttpUrl::Fixed(u), ..
+            } => (Some(u.clone()), self.url.to_string()),
+            Endpoint::Grpc { .. } => (None, self.url.to_string()),
+        };
         let body = Bytes::from(request.encode_to_vec());
         let mut attempts = 0u32;
         loop {
             attempts += 1;
             let remaining = deadline.saturating_duration_since(Instant::now());
-            let outcome = match tokio::time::timeout(remaining, self.attempt(&request, body.clone())).await {
+            let attempt = self.attempt(&request, url.as_ref(), body.clone());
+            let outcome = match tokio::time::timeout(remaining, attempt).await {
                 Ok(outcome) => outcome,
                 Err(_) => Err(Attempt::Retry(format!(
                     "no answer within the call timeout of {} ms",
@@ -301,26 +400,24 @@ impl RemoteFunction {
                 .saturating_mul(1 << (attempts - 1).min(20))
                 .min(self.options.max_backoff);
             if !retryable || Instant::now() + backoff >= deadline {
-                return Err(CallError {
-                    url: self.url.to_string(),
-                    attempts,
-                    elapsed_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
-                    error,
-                    retryable,
-                });
+                return Err(failed(&shown, error, attempts, retryable));
             }
-            tracing::debug!(url = %self.url, attempt = attempts, error = %error, "remote call failed; retrying");
+            tracing::debug!(url = %shown, attempt = attempts, error = %error, "remote call failed; retrying");
             tokio::time::sleep(backoff).await;
         }
     }
 
-    async fn attempt(&self, request: &ToFunction, body: Bytes) -> Result<FromFunction, Attempt> {
+    async fn attempt(
+        &self,
+        request: &ToFunction,
+        url: Option<&reqwest::Url>,
+        body: Bytes,
+    ) -> Result<FromFunction, Attempt> {
         match &self.endpoint {
             Endpoint::Http {
-                client,
-                connections,
-                url,
+                client, connections, ..
             } => {
+                let url = url.expect("an HTTP call has a URL");
                 let _connection = connections.acquire().await.expect("the semaphore is never closed");
                 self.attempt_http(client, url, body).await
             }

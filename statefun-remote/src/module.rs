@@ -25,10 +25,72 @@ use statefun_sdk::TypeName;
 pub struct ModuleSpec {
     /// Remote function endpoints.
     pub endpoints: Vec<HttpEndpoint>,
+    /// Remote function endpoints over statefun-rs's gRPC service
+    /// (`io.statefun-rs.endpoints.v1/grpc`, ours).
+    pub grpc_endpoints: Vec<GrpcEndpoint>,
     /// Kafka ingresses.
     pub ingresses: Vec<KafkaIngress>,
     /// Kafka egresses.
     pub egresses: Vec<KafkaEgress>,
+    /// What StateFun leaves to Flink's configuration (`io.statefun-rs.v1/runtime`,
+    /// ours; at most one).
+    pub runtime: RuntimeSpec,
+}
+
+/// `io.statefun-rs.endpoints.v1/grpc`: functions served by statefun-rs's gRPC service
+/// (`statefun_sdk::remote::RemoteServer`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct GrpcEndpoint {
+    /// The function types served.
+    pub functions: FunctionsPattern,
+    /// `http://host:port`.
+    pub url: String,
+    /// The whole call including retries. Default 2 min.
+    pub call_timeout: Duration,
+    /// Connecting. Default 20 s.
+    pub connect_timeout: Duration,
+}
+
+/// `io.statefun-rs.v1/runtime`: the runtime's own settings, where StateFun uses Flink's
+/// configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuntimeSpec {
+    /// The application: its consumer group and the prefix of its internal and
+    /// changelog topics. Default: the first ingress's `consumerGroupId`.
+    pub application_id: Option<String>,
+    /// Runtime partitions, fixed for the life of the state. Default 8.
+    pub partitions: u32,
+    /// Where the instance keeps its RocksDB state. Default: `statefun-state`.
+    pub state_dir: Option<String>,
+    /// How often state, messages and egress are committed. Default 100 ms.
+    pub commit_interval: Duration,
+    /// Topic for dead letters (bad records, parked addresses' messages). Default: none
+    /// (logged only).
+    pub dead_letter_topic: Option<String>,
+    /// Per egress id, the topics its records may name (they must exist).
+    pub egress_topics: BTreeMap<TypeName, Vec<String>>,
+    /// Attempts per message before the address is parked. Default 6.
+    pub max_attempts: u32,
+    /// First retry backoff, doubling. Default 100 ms.
+    pub initial_backoff: Duration,
+    /// Longest retry backoff. Default 10 s.
+    pub max_backoff: Duration,
+}
+
+impl Default for RuntimeSpec {
+    fn default() -> Self {
+        RuntimeSpec {
+            application_id: None,
+            partitions: 8,
+            state_dir: None,
+            commit_interval: Duration::from_millis(100),
+            dead_letter_topic: None,
+            egress_topics: BTreeMap::new(),
+            max_attempts: 6,
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(10),
+        }
+    }
 }
 
 /// Which function types an endpoint serves.
@@ -173,6 +235,34 @@ enum Component {
     Ingress(IngressSpec),
     #[serde(rename = "io.statefun.kafka.v1/egress")]
     Egress(EgressSpec),
+    #[serde(rename = "io.statefun-rs.endpoints.v1/grpc")]
+    Grpc(GrpcSpec),
+    #[serde(rename = "io.statefun-rs.v1/runtime")]
+    Runtime(RuntimeDoc),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GrpcSpec {
+    functions: String,
+    url: String,
+    call: Option<FlinkDuration>,
+    connect: Option<FlinkDuration>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RuntimeDoc {
+    application_id: Option<String>,
+    partitions: Option<u32>,
+    state_dir: Option<String>,
+    commit_interval: Option<FlinkDuration>,
+    dead_letter_topic: Option<String>,
+    #[serde(default)]
+    egress_topics: BTreeMap<String, Vec<String>>,
+    max_attempts: Option<u32>,
+    initial_backoff: Option<FlinkDuration>,
+    max_backoff: Option<FlinkDuration>,
 }
 
 #[derive(Deserialize)]
@@ -321,6 +411,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 pub fn parse(text: &str) -> Result<ModuleSpec, ModuleError> {
     let starts = document_lines(text);
     let mut module = ModuleSpec::default();
+    let mut runtime_seen = false;
     for (index, document) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
         let start = starts.get(index).copied().unwrap_or(1);
         let component: Option<Component> = Option::deserialize(document).map_err(|e| ModuleError {
@@ -333,6 +424,13 @@ pub fn parse(text: &str) -> Result<ModuleSpec, ModuleError> {
             Some(Component::Http(s)) => module.endpoints.push(http(s).map_err(invalid)?),
             Some(Component::Ingress(s)) => module.ingresses.push(ingress(s).map_err(invalid)?),
             Some(Component::Egress(s)) => module.egresses.push(egress(s).map_err(invalid)?),
+            Some(Component::Grpc(s)) => module.grpc_endpoints.push(grpc(s).map_err(invalid)?),
+            Some(Component::Runtime(s)) => {
+                if std::mem::replace(&mut runtime_seen, true) {
+                    return Err(invalid("a second io.statefun-rs.v1/runtime document".into()));
+                }
+                module.runtime = runtime(s).map_err(invalid)?;
+            }
         }
     }
     Ok(module)
@@ -357,17 +455,75 @@ fn type_name(field: &str, s: &str) -> Result<TypeName, String> {
     TypeName::parse(s).map_err(|_| format!("{field}: {s:?} is not a type name <namespace>/<name>"))
 }
 
-fn http(s: HttpSpec) -> Result<HttpEndpoint, String> {
-    let functions = match s.functions.split_once('/') {
+fn functions_pattern(functions: &str) -> Result<FunctionsPattern, String> {
+    Ok(match functions.split_once('/') {
         Some((ns, "*")) if !ns.is_empty() && !ns.contains('*') => FunctionsPattern::Namespace(ns.to_owned()),
-        _ if s.functions.contains('*') => {
+        _ if functions.contains('*') => {
             return Err(format!(
-                "spec.functions: {:?}: only <namespace>/<name> or <namespace>/* are supported",
-                s.functions
+                "spec.functions: {functions:?}: only <namespace>/<name> or <namespace>/* are supported"
             ));
         }
-        _ => FunctionsPattern::Type(type_name("spec.functions", &s.functions)?),
+        _ => FunctionsPattern::Type(type_name("spec.functions", functions)?),
+    })
+}
+
+fn grpc(s: GrpcSpec) -> Result<GrpcEndpoint, String> {
+    if !s.url.starts_with("http://") {
+        return Err(format!("spec.url: {:?} is not an http:// URL", s.url));
+    }
+    let endpoint = GrpcEndpoint {
+        functions: functions_pattern(&s.functions)?,
+        url: s.url,
+        call_timeout: s.call.map_or(Duration::from_secs(120), |d| d.0),
+        connect_timeout: s.connect.map_or(Duration::from_secs(20), |d| d.0),
     };
+    let endpoint = GrpcEndpoint {
+        connect_timeout: endpoint.connect_timeout.min(endpoint.call_timeout),
+        ..endpoint
+    };
+    if endpoint.call_timeout.is_zero() {
+        return Err("spec.call: the call timeout must be above 0".into());
+    }
+    Ok(endpoint)
+}
+
+fn runtime(s: RuntimeDoc) -> Result<RuntimeSpec, String> {
+    let d = RuntimeSpec::default();
+    let spec = RuntimeSpec {
+        application_id: s.application_id,
+        partitions: s.partitions.unwrap_or(d.partitions),
+        state_dir: s.state_dir,
+        commit_interval: s.commit_interval.map_or(d.commit_interval, |x| x.0),
+        dead_letter_topic: s.dead_letter_topic,
+        egress_topics: s
+            .egress_topics
+            .into_iter()
+            .map(|(id, topics)| Ok((type_name("spec.egressTopics", &id)?, topics)))
+            .collect::<Result<_, String>>()?,
+        max_attempts: s.max_attempts.unwrap_or(d.max_attempts),
+        initial_backoff: s.initial_backoff.map_or(d.initial_backoff, |x| x.0),
+        max_backoff: s.max_backoff.map_or(d.max_backoff, |x| x.0),
+    };
+    if spec.partitions == 0 || spec.partitions > 65_536 {
+        return Err("spec.partitions: must be between 1 and 65536".into());
+    }
+    if spec.max_attempts == 0 {
+        return Err("spec.maxAttempts: must be at least 1".into());
+    }
+    if spec.commit_interval.is_zero() {
+        return Err("spec.commitInterval: must be above 0".into());
+    }
+    if let Some((id, _)) = spec.egress_topics.iter().find(|(_, t)| t.is_empty()) {
+        return Err(format!("spec.egressTopics.{id}: list at least one topic"));
+    }
+    if spec.application_id.as_deref().is_some_and(|a| a.trim().is_empty()) {
+        return Err("spec.applicationId: must not be empty".into());
+    }
+    Ok(spec)
+}
+
+fn http(s: HttpSpec) -> Result<HttpEndpoint, String> {
+    let functions = functions_pattern(&s.functions)?;
     if !(s.url_path_template.starts_with("http://") || s.url_path_template.starts_with("https://")) {
         return Err(format!(
             "spec.urlPathTemplate: {:?} is not an http:// or https:// URL",
@@ -399,7 +555,8 @@ fn http(s: HttpSpec) -> Result<HttpEndpoint, String> {
         url_path_template: s.url_path_template,
         max_num_batch_requests: u32::try_from(max).ok().filter(|m| *m > 0),
         call_timeout: call.unwrap_or(Duration::from_secs(120)),
-        connect_timeout: connect.unwrap_or(Duration::from_secs(20)),
+        // A connect timeout left out never exceeds the call timeout.
+        connect_timeout: connect.unwrap_or(Duration::from_secs(20).min(call.unwrap_or(Duration::from_secs(120)))),
         pool_ttl: t.pool_ttl.map_or(Duration::from_secs(15), |d| d.0),
         pool_size: t.pool_size.unwrap_or(1024),
         payload_max_bytes: t.payload_max_bytes.unwrap_or(32 << 20),
@@ -593,6 +750,58 @@ spec:
     type: exactly-once
     transactionTimeout: 15min
 ";
+
+    #[test]
+    fn our_runtime_document_and_grpc_endpoints_read_with_defaults_and_checks() {
+        let text = "\
+kind: io.statefun-rs.v1/runtime
+spec:
+  applicationId: greeter-app
+  partitions: 4
+  commitInterval: 50ms
+  deadLetterTopic: dead
+  egressTopics:
+    com.example/out: [greetings, farewells]
+---
+kind: io.statefun-rs.endpoints.v1/grpc
+spec:
+  functions: com.example/greeter
+  url: http://functions:9000
+  call: 30s
+";
+        let m = parse(text).unwrap();
+        assert_eq!(m.runtime.application_id.as_deref(), Some("greeter-app"));
+        assert_eq!(m.runtime.partitions, 4);
+        assert_eq!(m.runtime.commit_interval, Duration::from_millis(50));
+        assert_eq!(m.runtime.max_attempts, 6, "default");
+        assert_eq!(
+            m.runtime.egress_topics[&TypeName::parse("com.example/out").unwrap()],
+            ["greetings", "farewells"]
+        );
+        assert_eq!(m.grpc_endpoints[0].call_timeout, Duration::from_secs(30));
+        assert_eq!(m.grpc_endpoints[0].connect_timeout, Duration::from_secs(20));
+        for (bad, expected) in [
+            (
+                "kind: io.statefun-rs.v1/runtime\nspec:\n  partitons: 4\n",
+                "line 3: spec: unknown field `partitons`",
+            ),
+            (
+                "kind: io.statefun-rs.v1/runtime\nspec:\n  partitions: 0\n",
+                "line 1: spec.partitions: must be between 1 and 65536",
+            ),
+            (
+                "kind: io.statefun-rs.v1/runtime\nspec: {}\n---\nkind: io.statefun-rs.v1/runtime\nspec: {}\n",
+                "line 4: a second io.statefun-rs.v1/runtime document",
+            ),
+            (
+                "kind: io.statefun-rs.endpoints.v1/grpc\nspec:\n  functions: a/b\n  url: https://x:1\n",
+                "line 1: spec.url: \"https://x:1\" is not an http:// URL",
+            ),
+        ] {
+            let e = parse(bad).unwrap_err().to_string();
+            assert!(e.contains(expected), "{e} should contain {expected}");
+        }
+    }
 
     #[test]
     fn a_full_module_reads_into_typed_specs_with_statefuns_defaults() {
