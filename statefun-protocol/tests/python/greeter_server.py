@@ -4,12 +4,12 @@ live counterpart of the golden bytes, for statefun-protocol/tests/python_sdk_liv
 Run as a script: binds 127.0.0.1 on a free port, prints the port on stdout, serves until
 stdin closes. statefun_sdk_probe.py imports the function and the handler from here.
 """
-import sys, threading
+import os, sys, threading
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from statefun import (StatefulFunctions, RequestReplyHandler, Context, Message, ValueSpec,
-                      IntType, make_json_type, message_builder, kafka_egress_message)
+                      IntType, StringType, make_json_type, message_builder, kafka_egress_message)
 
 UserType = make_json_type("com.example/User")
 functions = StatefulFunctions()
@@ -30,8 +30,18 @@ def greeter(ctx: Context, message: Message):
                    message_builder(target_typename="com.example/greeter", target_id=name, int_value=7),
                    cancellation_token="tok-1")
     ctx.cancel_delayed_message("tok-1")
-    ctx.send_egress(kafka_egress_message(typename="com.example/out", topic="greetings",
+    ctx.send_egress(kafka_egress_message(typename="com.example/out", topic=GREETINGS_TOPIC,
                                          key=name, value=f"hi {name}"))
+
+
+# Where the greeter's Kafka egress records go (tests give each run its own topic).
+GREETINGS_TOPIC = os.environ.get("GREETINGS_TOPIC", "greetings")
+
+
+@functions.bind(typename="com.example/printer",
+                specs=[ValueSpec(name="printed", type=StringType)])
+def printer(ctx: Context, message: Message):
+    ctx.storage.printed = message.as_string()
 
 
 handler = RequestReplyHandler(functions)
