@@ -347,17 +347,23 @@ pub async fn work(args: WorkArgs) -> anyhow::Result<()> {
     let stop = tokio_util::sync::CancellationToken::new();
     let running = tokio::spawn(runtime.run(stop.clone().cancelled_owned()));
     // Complete = every ingress record processed at its account, every bonus received,
-    // nothing in flight.
+    // nothing in flight. The snapshot is read value by value, so it counts only if no
+    // invocation ran while it was read: a bonus timer firing between two reads of one
+    // account would otherwise tear it (seen under load: the balance read before the
+    // credit, the bonus count after).
+    let invocations = |stats: Vec<statefun_runtime::PartitionStats>| stats.iter().map(|s| s.invocations).sum::<u64>();
     let state = loop {
         tokio::time::sleep(Duration::from_millis(100)).await;
         if handle.outstanding() > 0 {
             continue;
         }
+        let before = invocations(handle.stats().await?);
         let accounts = read_accounts(&handle).await?;
+        let quiet = invocations(handle.stats().await?) == before;
         let records: i64 = accounts.values().map(|v| v[1]).sum();
         let sent: i64 = accounts.values().map(|v| v[2]).sum();
         let received: i64 = accounts.values().map(|v| v[3]).sum();
-        if records as u64 == args.records && sent == received && handle.outstanding() == 0 {
+        if quiet && records as u64 == args.records && sent == received && handle.outstanding() == 0 {
             let pending_delayed = handle.stats().await?.iter().map(|s| s.pending_delayed).sum();
             break FinalState {
                 accounts,

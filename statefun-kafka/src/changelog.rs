@@ -377,7 +377,29 @@ impl KafkaChangelog {
                 record.topic
             ));
         }
+        // The producer refuses a record above `message.max.bytes`, which would fail
+        // the whole commit again at every retry: refuse it here (with some room for
+        // the record's framing and headers).
+        let max = self.max_record_bytes();
+        let size = record.key.len() + record.value_bytes.len() + 512;
+        if size > max {
+            return Err(format!(
+                "the record is {} bytes, more than the producer's message.max.bytes ({max})",
+                size - 512
+            ));
+        }
         Ok(record)
+    }
+
+    /// librdkafka's `message.max.bytes`: the configured value, else its default.
+    fn max_record_bytes(&self) -> usize {
+        self.config
+            .properties
+            .iter()
+            .rev()
+            .find(|(k, _)| k == "message.max.bytes")
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or(1_000_000)
     }
 
     fn produce(&self, unit: &CommitUnit) -> Result<(), StateError> {

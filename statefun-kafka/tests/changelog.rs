@@ -303,20 +303,23 @@ async fn a_changelog_topic_with_another_partition_count_and_a_missing_egress_top
 /// A record egress: the function writes StateFun Kafka records (as a remote function
 /// does), each produced to the topic it names with its key and value, in the
 /// transaction; a record naming a topic the egress does not list is dead-lettered with
-/// the reason, and the others are committed.
+/// the reason, and so is one too large for Kafka; the others are committed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn statefun_kafka_records_go_to_the_topic_they_name_and_an_unlisted_topic_is_dead_lettered() {
+async fn statefun_kafka_records_go_to_the_topic_they_name_and_an_unlisted_topic_or_oversized_record_is_dead_lettered() {
     use statefun_sdk::protocol::egress::KafkaProducerRecord;
     let t = Topics::new().await;
     let output = t.output.clone();
     let module = Module::builder()
         .with_fn(FunctionSpec::new(COUNTER), move |ctx, msg| {
-            let value = msg.bytes().cloned().unwrap_or_default();
+            let mut value = msg.bytes().cloned().unwrap_or_default();
             let topic = if &value[..] == b"bad" {
                 "not-listed".to_owned()
             } else {
                 output.clone()
             };
+            if &value[..] == b"big" {
+                value = vec![b'x'; 1_100_000].into();
+            }
             let record = KafkaProducerRecord {
                 key: ctx.self_address().id().to_owned(),
                 value_bytes: value,
@@ -348,7 +351,7 @@ async fn statefun_kafka_records_go_to_the_topic_they_name_and_an_unlisted_topic_
     let h = runtime.handle();
     let stop = CancellationToken::new();
     let run = tokio::spawn(runtime.run(stop.clone().cancelled_owned()));
-    for (id, value) in [("a", "one"), ("b", "bad"), ("c", "three")] {
+    for (id, value) in [("a", "one"), ("b", "bad"), ("c", "three"), ("d", "big")] {
         let message = TypedValue::from_bytes(TypeName::from_static("test/str"), value.as_bytes().to_vec());
         h.send(Address::new(COUNTER, id).unwrap(), message).await.unwrap();
     }
@@ -367,9 +370,17 @@ async fn statefun_kafka_records_go_to_the_topic_they_name_and_an_unlisted_topic_
         .collect();
     got.sort();
     assert_eq!(got, [("a".into(), "one".into()), ("c".into(), "three".into())]);
-    let dead = dead.letters();
-    assert_eq!(dead.len(), 1, "{dead:?}");
-    let reason = dead[0].reason.to_string();
-    assert!(reason.contains(r#"names topic "not-listed""#), "{reason}");
-    assert_eq!(dead[0].caller.as_ref().unwrap().id(), "b");
+    let mut dead: Vec<(String, String)> = dead
+        .letters()
+        .iter()
+        .map(|d| (d.caller.as_ref().unwrap().id().to_owned(), d.reason.to_string()))
+        .collect();
+    dead.sort();
+    assert_eq!(dead.len(), 2, "{dead:?}");
+    assert!(dead[0].1.contains(r#"names topic "not-listed""#), "{dead:?}");
+    // Larger than Kafka takes: refused before the commit, not a failing commit.
+    assert!(
+        dead[1].1.contains("more than the producer's message.max.bytes"),
+        "{dead:?}"
+    );
 }

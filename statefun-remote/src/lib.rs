@@ -458,8 +458,8 @@ impl RemoteFunction {
             .map_err(|e| Attempt::Retry(error_chain(&e)))?;
         let status = response.status();
         if !status.is_success() {
-            let text = response.text().await.unwrap_or_default();
-            let text: String = text.chars().take(300).collect();
+            let text = read_at_most(response, 300).await.unwrap_or_default();
+            let text = String::from_utf8_lossy(&text);
             let e = format!("HTTP {status}: {text}");
             return Err(
                 if status.is_server_error() || status == reqwest::StatusCode::TOO_MANY_REQUESTS {
@@ -483,12 +483,28 @@ impl RemoteFunction {
         if response.content_length().is_some_and(|n| n > max as u64) {
             return Err(Attempt::Fatal(format!("the answer is larger than {max} bytes")));
         }
-        let bytes = response.bytes().await.map_err(|e| Attempt::Retry(error_chain(&e)))?;
+        let bytes = read_at_most(response, max + 1)
+            .await
+            .map_err(|e| Attempt::Retry(error_chain(&e)))?;
         if bytes.len() > max {
             return Err(Attempt::Fatal(format!("the answer is larger than {max} bytes")));
         }
         FromFunction::decode(bytes).map_err(|e| Attempt::Fatal(format!("the answer is not a FromFunction: {e}")))
     }
+}
+
+/// The body, or its first `limit` bytes: a body without a `Content-Length` is read chunk
+/// by chunk and never held beyond the limit.
+async fn read_at_most(mut response: reqwest::Response, limit: usize) -> Result<Bytes, reqwest::Error> {
+    let mut out = bytes::BytesMut::new();
+    while let Some(chunk) = response.chunk().await? {
+        let room = limit - out.len();
+        out.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if out.len() >= limit {
+            break;
+        }
+    }
+    Ok(out.freeze())
 }
 
 #[async_trait::async_trait]

@@ -457,7 +457,14 @@ fn type_name(field: &str, s: &str) -> Result<TypeName, String> {
 
 fn functions_pattern(functions: &str) -> Result<FunctionsPattern, String> {
     Ok(match functions.split_once('/') {
-        Some((ns, "*")) if !ns.is_empty() && !ns.contains('*') => FunctionsPattern::Namespace(ns.to_owned()),
+        Some((ns, "*")) if !ns.contains('*') => {
+            // A namespace a type name can have: not empty, no `/` or whitespace.
+            TypeName::from_parts(ns, "*")
+                .ok()
+                .filter(|t| t.namespace() == ns)
+                .ok_or_else(|| format!("spec.functions: {functions:?}: {ns:?} is not a namespace"))?;
+            FunctionsPattern::Namespace(ns.to_owned())
+        }
         _ if functions.contains('*') => {
             return Err(format!(
                 "spec.functions: {functions:?}: only <namespace>/<name> or <namespace>/* are supported"

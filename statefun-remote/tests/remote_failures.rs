@@ -2,7 +2,8 @@
 //! behaviour depends on the target id: one never answers (timeout, retried, then the
 //! address is parked and its message dead-lettered), one answers 503 twice and then
 //! properly (retried by the transport, no failure reaches the runtime), one answers
-//! bytes that are not a `FromFunction`, one changes a state it never registered, and a
+//! bytes that are not a `FromFunction`, one streams an answer above the size limit
+//! (without a `Content-Length`), one changes a state it never registered, and a
 //! second function type points at a closed port (connection refused). Meanwhile other
 //! addresses and types keep flowing; nothing panics.
 
@@ -62,6 +63,12 @@ async fn function(axum::extract::State(b): axum::extract::State<Behaviour>, body
         "silent" => std::future::pending().await,
         "flaky" if n <= 2 => (StatusCode::SERVICE_UNAVAILABLE, "try again").into_response(),
         "garbage" => octets(vec![0xff, 0xff, 0xff]),
+        // Larger than the transport's limit, streamed without a Content-Length.
+        "huge" => {
+            let chunks = (0..64).map(|_| Ok::<_, std::convert::Infallible>(Bytes::from(vec![0u8; 1024])));
+            let body = axum::body::Body::from_stream(futures_util::stream::iter(chunks));
+            ([(header::CONTENT_TYPE, CONTENT_TYPE)], body).into_response()
+        }
         "rogue" => octets(
             FromFunction {
                 response: Some(from_function::Response::InvocationResult(
@@ -106,6 +113,7 @@ async fn failing_remote_calls_park_only_their_address_and_dead_letter_its_messag
     let http = HttpTransport::new(RemoteOptions {
         call_timeout: Duration::from_millis(400),
         initial_backoff: Duration::from_millis(5),
+        max_response_bytes: 16 * 1024,
         ..Default::default()
     })
     .unwrap();
@@ -116,7 +124,7 @@ async fn failing_remote_calls_park_only_their_address_and_dead_letter_its_messag
     let h = &r.handle;
     let at = |id: &str| Address::new(F, id).unwrap();
 
-    for id in ["silent", "garbage", "rogue", "flaky"] {
+    for id in ["silent", "garbage", "rogue", "flaky", "huge"] {
         h.send_value(at(id), &1i64).await.unwrap();
     }
     h.send_value(Address::new(ELSEWHERE, "x").unwrap(), &1i64)
@@ -146,6 +154,7 @@ async fn failing_remote_calls_park_only_their_address_and_dead_letter_its_messag
             r#"state_mutations[0]: state "never_registered" is not declared"#,
         ),
         ("test/elsewhere/x", "error sending request"),
+        ("test/remote/huge", "the answer is larger than 16384 bytes"),
     ];
     for (address, error) in expect {
         let got = parked
@@ -153,10 +162,10 @@ async fn failing_remote_calls_park_only_their_address_and_dead_letter_its_messag
             .unwrap_or_else(|| panic!("{address} is not parked: {parked:?}"));
         assert!(got.contains(error), "{address}: {got:?} should contain {error:?}");
     }
-    assert_eq!(parked.len(), 4, "{parked:?}");
+    assert_eq!(parked.len(), 5, "{parked:?}");
     // Each parked address's message is in the dead-letter sink with the error.
     let dead = r.dead.letters();
-    assert_eq!(dead.len(), 4);
+    assert_eq!(dead.len(), 5);
     for d in &dead {
         let target = d.target.as_ref().unwrap().to_string();
         let DeadLetterReason::FunctionFailed { error, attempts } = &d.reason else {
@@ -182,5 +191,5 @@ async fn failing_remote_calls_park_only_their_address_and_dead_letter_its_messag
 
     // Two failed attempts for each parked address, none for the others.
     let report = r.finish().await;
-    assert_eq!(report.partitions.iter().map(|p| p.failures).sum::<u64>(), 8);
+    assert_eq!(report.partitions.iter().map(|p| p.failures).sum::<u64>(), 10);
 }

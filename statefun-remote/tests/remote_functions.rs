@@ -26,11 +26,11 @@ const AUDITED: ValueSpec<i64> = ValueSpec::named("audited");
 /// function the new count, writes an egress record and schedules a "tick" to itself in
 /// 50 ms under token "t" (replacing the previous one); "cancel" cancels the tick; "tick"
 /// writes "tick" to the egress; "wait" blocks until the test adds a permit. Records the
-/// size of every batch it runs.
+/// address id and the messages of every batch it runs.
 #[derive(Clone)]
 struct Cart {
     gate: Arc<Semaphore>,
-    batches: Arc<Mutex<Vec<usize>>>,
+    batches: Arc<Mutex<Vec<(String, Vec<String>)>>>,
 }
 
 impl Cart {
@@ -64,7 +64,14 @@ impl StatefulFunction for Cart {
     }
 
     async fn invoke_batch(&self, ctx: &mut Context, batch: &[Invocation]) -> Result<(), BatchError> {
-        self.batches.lock().unwrap().push(batch.len());
+        let texts = batch
+            .iter()
+            .map(|i| i.message.decode::<String>().unwrap_or_default())
+            .collect();
+        self.batches
+            .lock()
+            .unwrap()
+            .push((ctx.self_address().id().to_owned(), texts));
         for (index, inv) in batch.iter().enumerate() {
             ctx.set_caller(inv.caller.clone());
             self.one(ctx, &inv.message)
@@ -213,9 +220,22 @@ async fn batching_while_in_flight(via: Via) {
     s.cart.gate.add_permits(1);
     h.wait_idle().await;
     assert_eq!(h.state(&a, &ITEMS).await.unwrap(), Some(5));
-    // a: the "wait" alone, then the five that queued behind it in one request.
-    let batches = s.cart.batches.lock().unwrap().clone();
-    assert_eq!(batches, [1, 1, 5], "{via:?}: a's wait, b, a's batch");
+    // a: the "wait" alone, then the five that queued behind it in one request (the
+    // delayed ticks the adds schedule come later, on their own).
+    let of_a: Vec<Vec<String>> = s
+        .cart
+        .batches
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(id, texts)| id == "a" && !texts.iter().any(|t| t == "tick"))
+        .map(|(_, texts)| texts.clone())
+        .collect();
+    assert_eq!(
+        of_a,
+        [vec!["wait".to_string()], vec!["add:1".to_string(); 5]],
+        "{via:?}"
+    );
     s.running.finish().await;
 }
 
@@ -227,4 +247,36 @@ async fn over_http_messages_arriving_during_a_request_go_in_the_next_batch() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_grpc_messages_arriving_during_a_request_go_in_the_next_batch() {
     batching_while_in_flight(Via::Grpc).await;
+}
+
+async fn a_failing_function_parks_its_address_without_transport_retries(via: Via) {
+    let s = setup(via).await;
+    let h = &s.running.handle;
+    let bad = Address::new(CART, "bad").unwrap();
+    let started = std::time::Instant::now();
+    h.send_value(bad.clone(), &"no such command".to_string()).await.unwrap();
+    h.wait_idle().await;
+    // The server answers a function's error with a status the transport does not
+    // retry (the call timeout is 2 min): the runtime's 3 attempts park it at once.
+    assert!(started.elapsed() < Duration::from_secs(20), "{:?}", started.elapsed());
+    let parked = h.parked().await.unwrap();
+    assert_eq!(parked.len(), 1, "{via:?}: {parked:?}");
+    assert!(
+        parked[0].1.contains(r#"unknown command "no such command""#),
+        "{}",
+        parked[0].1
+    );
+    assert!(parked[0].1.contains("after 1 attempt(s)"), "{}", parked[0].1);
+    assert_eq!(s.running.dead.letters().len(), 1);
+    s.running.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_http_a_failing_function_parks_its_address_after_the_runtimes_attempts() {
+    a_failing_function_parks_its_address_without_transport_retries(Via::Http).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_grpc_a_failing_function_parks_its_address_after_the_runtimes_attempts() {
+    a_failing_function_parks_its_address_without_transport_retries(Via::Grpc).await;
 }

@@ -227,16 +227,6 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     s
 }
 
-fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
-    if let Some(s) = p.downcast_ref::<&str>() {
-        format!("function panicked: {s}")
-    } else if let Some(s) = p.downcast_ref::<String>() {
-        format!("function panicked: {s}")
-    } else {
-        "function panicked".to_owned()
-    }
-}
-
 /// Invokes the function with one message, turning an error or a panic into its text.
 async fn invoke_one(
     function: &Arc<dyn StatefulFunction>,
@@ -246,7 +236,7 @@ async fn invoke_one(
     match AssertUnwindSafe(function.invoke(ctx, message)).catch_unwind().await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(error_chain(&*e)),
-        Err(p) => Err(panic_message(&*p)),
+        Err(p) => Err(statefun_sdk::panic_message(&*p)),
     }
 }
 
@@ -336,7 +326,7 @@ async fn invoke_batch(
                 })),
                 Err(p) => Some(Outcome::Failed(Failure {
                     index: 0,
-                    error: panic_message(&*p),
+                    error: statefun_sdk::panic_message(&*p),
                 })),
             };
         }
@@ -1414,6 +1404,7 @@ impl Partition {
             // with this failure counted (see `next`).
             let prefix: Vec<Envelope> = mb.queue.drain(..failure.index).collect();
             mb.failed_behind_prefix = Some(failure.error);
+            self.note_backlog(&address);
             return self.start(address, prefix);
         }
         mb.attempts += 1;

@@ -113,14 +113,37 @@ pub trait StatefulFunction: Send + Sync + 'static {
     /// calls [`invoke`](StatefulFunction::invoke) once per message, setting the caller
     /// before each; a remote function overrides it to ship the whole batch in one
     /// request, as StateFun's `InvocationBatchRequest` does.
+    ///
+    /// A panic in `invoke` is caught here and reported as the failure of its message,
+    /// so the runtime knows which message to retry alone.
     async fn invoke_batch(&self, ctx: &mut Context, batch: &[Invocation]) -> Result<(), BatchError> {
+        use futures_util::FutureExt as _;
         for (index, inv) in batch.iter().enumerate() {
             ctx.set_caller(inv.caller.clone());
-            self.invoke(ctx, inv.message.clone())
-                .await
-                .map_err(|error| BatchError::Failed { index, error })?;
+            let outcome = std::panic::AssertUnwindSafe(self.invoke(ctx, inv.message.clone()))
+                .catch_unwind()
+                .await;
+            match outcome {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => return Err(BatchError::Failed { index, error }),
+                Err(panic) => {
+                    let error = panic_message(&*panic).into();
+                    return Err(BatchError::Failed { index, error });
+                }
+            }
         }
         Ok(())
+    }
+}
+
+/// The text of a caught panic: "function panicked: <message>".
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        format!("function panicked: {s}")
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        format!("function panicked: {s}")
+    } else {
+        "function panicked".to_owned()
     }
 }
 
@@ -385,6 +408,39 @@ mod tests {
         assert!(m.get(&TypeName::from_static("elsewhere/cart")).is_none());
         assert_eq!((m.len(), m.types().count(), m.namespaces().count()), (2, 1, 1));
         assert!(m.clone().merge(m).is_err(), "a namespace registered twice");
+    }
+
+    #[test]
+    fn the_default_batch_reports_the_index_of_the_message_that_failed_or_panicked() {
+        let f = FnFunction(|_: &mut Context, msg: Message| -> FunctionResult {
+            match msg.decode::<String>()?.as_str() {
+                "fail" => Err("failed".into()),
+                "panic" => panic!("boom"),
+                _ => Ok(()),
+            }
+        });
+        let batch = |texts: &[&str]| -> Vec<Invocation> {
+            texts
+                .iter()
+                .map(|t| Invocation {
+                    caller: None,
+                    message: crate::TypedValue::of(&t.to_string()).unwrap(),
+                })
+                .collect()
+        };
+        let run = |b: Vec<Invocation>| {
+            let mut ctx = Context::new(crate::Address::new(T, "a").unwrap(), Arc::from(vec![]), vec![]);
+            futures_executor::block_on(f.invoke_batch(&mut ctx, &b))
+        };
+        assert!(run(batch(&["ok", "ok"])).is_ok());
+        let Err(BatchError::Failed { index, error }) = run(batch(&["ok", "ok", "fail"])) else {
+            panic!("expected a failure");
+        };
+        assert_eq!((index, error.to_string()), (2, "failed".to_string()));
+        let Err(BatchError::Failed { index, error }) = run(batch(&["ok", "panic", "ok"])) else {
+            panic!("expected a failure");
+        };
+        assert_eq!((index, error.to_string()), (1, "function panicked: boom".to_string()));
     }
 
     #[test]

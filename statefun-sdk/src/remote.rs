@@ -11,9 +11,11 @@
 //! * **HTTP**: a `POST` of a `ToFunction` to any path (StateFun's `urlPathTemplate`
 //!   decides the path) is answered `200` with `Content-Type: application/octet-stream`
 //!   and a `FromFunction`; a request that does not decode is `400`, an unknown function
-//!   type `404`, a failing function `500` with the error as text (the runtime retries).
+//!   type `404`, a function that returned an error or panicked `422` with the error as
+//!   text. The runtime's transport does not retry a `422` (a function's error is not a
+//!   transport's); the runtime's retry policy does, then parks the address.
 //! * **gRPC**: `statefun_rs.remote.v1.RemoteFunction/Invoke` with the same messages;
-//!   the same cases are `INVALID_ARGUMENT`, `NOT_FOUND` and `INTERNAL`.
+//!   the same cases are `INVALID_ARGUMENT`, `NOT_FOUND` and `FAILED_PRECONDITION`.
 //!
 //! HTTP/1.1 and HTTP/2 (cleartext, prior knowledge) are both accepted on the port.
 //!
@@ -102,7 +104,7 @@ async fn http_invoke(State(module): State<Arc<Module>>, body: Bytes) -> Response
             let status = match e {
                 ServeError::BadRequest(_) => StatusCode::BAD_REQUEST,
                 ServeError::UnknownFunction(_) => StatusCode::NOT_FOUND,
-                _ => StatusCode::INTERNAL_SERVER_ERROR,
+                _ => StatusCode::UNPROCESSABLE_ENTITY,
             };
             tracing::warn!(error = %e, "remote invocation failed");
             (status, e.to_string()).into_response()
@@ -127,7 +129,7 @@ impl RemoteFunction for Grpc {
                 Err(match e {
                     ServeError::BadRequest(_) => tonic::Status::invalid_argument(e.to_string()),
                     ServeError::UnknownFunction(_) => tonic::Status::not_found(e.to_string()),
-                    _ => tonic::Status::internal(e.to_string()),
+                    _ => tonic::Status::failed_precondition(e.to_string()),
                 })
             }
         }

@@ -8,7 +8,9 @@
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 
-struct CartServer(Child);
+/// The server process, and its stdout, kept open: closing the pipe would make the
+/// server's next print fail.
+struct CartServer(Child, #[allow(dead_code)] BufReader<std::process::ChildStdout>);
 
 impl Drop for CartServer {
     fn drop(&mut self) {
@@ -28,10 +30,9 @@ fn cart_server() -> (CartServer, String) {
         .spawn()
         .expect("the cart server starts");
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    (CartServer(child), line.trim().to_owned())
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    out.read_line(&mut line).unwrap();
+    (CartServer(child, out), line.trim().to_owned())
 }
 
 fn demo_passes_with(url: &str, transport: &str) {

@@ -216,9 +216,9 @@ async fn main() -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("cannot listen on {listen}"))?;
             let at = listener.local_addr()?;
-            // The first line is the address, for scripts and tests.
+            // The one line on stdout is the address, for scripts and tests.
             println!("{at}");
-            println!("cart of region {region}: HTTP POST http://{at}/statefun, gRPC http://{at}");
+            tracing::info!("cart of region {region}: HTTP POST http://{at}/statefun, gRPC http://{at}");
             let stop = shutdown_signal();
             statefun_sdk::remote::RemoteServer::new(inventory::cart_module(app)?)
                 .serve(listener, stop.cancelled_owned())
