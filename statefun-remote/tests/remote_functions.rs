@@ -30,8 +30,11 @@ const AUDITED: ValueSpec<i64> = ValueSpec::named("audited");
 #[derive(Clone)]
 struct Cart {
     gate: Arc<Semaphore>,
-    batches: Arc<Mutex<Vec<(String, Vec<String>)>>>,
+    batches: Arc<Mutex<Vec<SeenBatch>>>,
 }
+
+/// The address id and the messages of one batch.
+type SeenBatch = (String, Vec<String>);
 
 impl Cart {
     async fn one(&self, ctx: &mut Context, msg: &Message) -> FunctionResult {
