@@ -9,7 +9,6 @@
 //! Needs STATEFUN_KAFKA_BOOTSTRAP and STATEFUN_PYTHON (`make test` sets both).
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -20,6 +19,9 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use statefun_sdk::ValueType;
+
+#[path = "../../statefun-protocol/tests/python/server.rs"]
+mod python;
 
 struct Killed(Child);
 
@@ -40,27 +42,6 @@ fn unique(prefix: &str) -> String {
         .unwrap()
         .as_nanos();
     format!("{prefix}-{}-{nanos}", std::process::id())
-}
-
-/// The Python SDK's greeter and printer, writing greetings to `topic`; returns its port.
-fn python_functions(topic: &str) -> (Killed, u16) {
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../statefun-protocol/tests/python/greeter_server.py"
-    );
-    let mut child = Command::new(env("STATEFUN_PYTHON"))
-        .arg(script)
-        .env("GREETINGS_TOPIC", topic)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("the python function server starts");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let port = line.trim().parse().expect("the server prints its port");
-    (Killed(child), port)
 }
 
 async fn read_committed(topic: &str, n: usize, bootstrap: &str) -> Vec<(String, String)> {
@@ -125,7 +106,8 @@ async fn a_statefun_python_application_runs_from_its_module_yaml_with_exactly_on
             .unwrap();
     }
 
-    let (_python, port) = python_functions(&greetings);
+    let functions = python::start(&[("GREETINGS_TOPIC", &greetings)]);
+    let port = functions.port;
     let dir = tempfile::tempdir().unwrap();
     let module = dir.path().join("module.yaml");
     std::fs::write(

@@ -6,48 +6,18 @@
 //! the missing state specs, the second (states registered, empty) every effect kind,
 //! the third (the states it returned) continues from them.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-
 use prost::Message as _;
 use statefun_protocol::CONTENT_TYPE;
 use statefun_protocol::reqreply::from_function::{self, persisted_value_mutation::MutationType};
 use statefun_protocol::reqreply::{self, FromFunction, ToFunction, to_function};
 use statefun_sdk::{Address, TypeName, TypedValue};
 
-struct Server {
-    child: Child,
-    url: String,
-}
+#[path = "python/server.rs"]
+mod python;
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_server() -> Server {
-    let python = std::env::var("STATEFUN_PYTHON").expect(
-        "STATEFUN_PYTHON is not set: run the suite with `make test` (it installs the StateFun Python SDK), \
-         or point it at a python with apache-flink-statefun==3.3.0 (scripts/statefun-python path)",
-    );
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/greeter_server.py");
-    let mut child = Command::new(python)
-        .arg(script)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("the python function server starts");
-    let mut port = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut port)
-        .unwrap();
-    let port: u16 = port.trim().parse().expect("the server prints its port");
-    Server {
-        child,
-        url: format!("http://127.0.0.1:{port}/statefun"),
-    }
+/// The greeter's URL.
+fn url(server: &python::PythonFunctions) -> String {
+    format!("http://127.0.0.1:{}/statefun", server.port)
 }
 
 fn post(url: &str, request: &ToFunction) -> FromFunction {
@@ -87,10 +57,11 @@ fn result(r: FromFunction) -> from_function::InvocationResponse {
 
 #[test]
 fn a_python_sdk_function_goes_through_the_handshake_and_every_effect_with_our_messages() {
-    let server = start_server();
+    let server = python::start(&[]);
+    let url = url(&server);
 
     // 1. No state: the function names the states it needs.
-    let r = post(&server.url, &batch(Vec::new(), &["alice"]));
+    let r = post(&url, &batch(Vec::new(), &["alice"]));
     let Some(from_function::Response::IncompleteInvocationContext(missing)) = r.response else {
         panic!("expected the missing states, got {r:?}");
     };
@@ -115,7 +86,7 @@ fn a_python_sdk_function_goes_through_the_handshake_and_every_effect_with_our_me
             state_value: None,
         })
         .collect();
-    let r = result(post(&server.url, &batch(empty, &["alice", "alice"])));
+    let r = result(post(&url, &batch(empty, &["alice", "alice"])));
     let mutations: std::collections::BTreeMap<String, reqreply::TypedValue> = r
         .state_mutations
         .iter()
@@ -140,7 +111,7 @@ fn a_python_sdk_function_goes_through_the_handshake_and_every_effect_with_our_me
             state_value: Some(value),
         })
         .collect();
-    let r = result(post(&server.url, &batch(states, &["alice"])));
+    let r = result(post(&url, &batch(states, &["alice"])));
     let seen = r.state_mutations.iter().find(|m| m.state_name == "seen_count").unwrap();
     let seen = TypedValue::try_from(seen.state_value.clone().unwrap()).unwrap();
     assert_eq!(seen.decode::<i32>().unwrap(), 3);

@@ -185,17 +185,6 @@ enum Attempt {
     Fatal(String),
 }
 
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
-
 /// A pooled HTTP client for StateFun's HTTP endpoints: one per endpoint (or per
 /// application), shared by every function it reaches. Plain `http://` only: no TLS
 /// stack is compiled in (put a TLS-terminating proxy in front of `https` endpoints).
@@ -296,7 +285,7 @@ impl GrpcTransport {
             ));
         }
         let channel = tonic::transport::Endpoint::from_shared(url.to_owned())
-            .map_err(|e| invalid(error_chain(&e)))?
+            .map_err(|e| invalid(statefun_sdk::error_chain(&e)))?
             .connect_timeout(options.connect_timeout)
             .tcp_nodelay(true)
             .connect_lazy();
@@ -455,7 +444,7 @@ impl RemoteFunction {
             .body(body)
             .send()
             .await
-            .map_err(|e| Attempt::Retry(error_chain(&e)))?;
+            .map_err(|e| Attempt::Retry(statefun_sdk::error_chain(&e)))?;
         let status = response.status();
         if !status.is_success() {
             let text = read_at_most(response, 300).await.unwrap_or_default();
@@ -485,7 +474,7 @@ impl RemoteFunction {
         }
         let bytes = read_at_most(response, max + 1)
             .await
-            .map_err(|e| Attempt::Retry(error_chain(&e)))?;
+            .map_err(|e| Attempt::Retry(statefun_sdk::error_chain(&e)))?;
         if bytes.len() > max {
             return Err(Attempt::Fatal(format!("the answer is larger than {max} bytes")));
         }

@@ -8,8 +8,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,38 +20,8 @@ const PRINTER: TypeName = TypeName::from_static("com.example/printer");
 const OUT: TypeName = TypeName::from_static("com.example/out");
 const PRINTED: ValueSpec<String> = ValueSpec::named("printed");
 
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts `greeter_server.py`; returns it and its port.
-fn python_function() -> (Server, u16) {
-    let python = std::env::var("STATEFUN_PYTHON").expect(
-        "STATEFUN_PYTHON is not set: run the suite with `make test` (it installs the StateFun Python SDK), \
-         or point it at a python with apache-flink-statefun==3.3.0 (scripts/statefun-python path)",
-    );
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../statefun-protocol/tests/python/greeter_server.py"
-    );
-    let mut child = Command::new(python)
-        .arg(script)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("the python function server starts");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let port = line.trim().parse().expect("the server prints its port");
-    (Server(child), port)
-}
+#[path = "../../statefun-protocol/tests/python/server.rs"]
+mod python;
 
 fn printer(ctx: &mut Context, msg: Message) -> FunctionResult {
     let text: String = msg.decode()?;
@@ -63,7 +31,8 @@ fn printer(ctx: &mut Context, msg: Message) -> FunctionResult {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_python_sdk_function_runs_unchanged_against_the_runtime() {
-    let (_server, port) = python_function();
+    let server = python::start(&[]);
+    let port = server.port;
     // A short call timeout, so that a failing function shows up as parked quickly.
     let http = HttpTransport::new(RemoteOptions {
         call_timeout: Duration::from_secs(1),

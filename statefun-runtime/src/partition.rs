@@ -216,17 +216,6 @@ pub(crate) struct Partition {
     recovered_egress: Vec<(LogKey, EgressRecord)>,
 }
 
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
-
 /// Invokes the function with one message, turning an error or a panic into its text.
 async fn invoke_one(
     function: &Arc<dyn StatefulFunction>,
@@ -235,7 +224,7 @@ async fn invoke_one(
 ) -> Result<(), String> {
     match AssertUnwindSafe(function.invoke(ctx, message)).catch_unwind().await {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(error_chain(&*e)),
+        Ok(Err(e)) => Err(statefun_sdk::error_chain(&*e)),
         Err(p) => Err(statefun_sdk::panic_message(&*p)),
     }
 }
@@ -314,7 +303,7 @@ async fn invoke_batch(
                 Ok(Ok(())) => None,
                 Ok(Err(BatchError::Failed { index, error })) => Some(Outcome::Failed(Failure {
                     index: batch_index(index.min(invocations.len() - 1)),
-                    error: error_chain(&*error),
+                    error: statefun_sdk::error_chain(&*error),
                 })),
                 Ok(Err(BatchError::MissingStates(specs))) => Some(Outcome::MissingStates {
                     specs,
@@ -322,7 +311,7 @@ async fn invoke_batch(
                 }),
                 Ok(Err(e)) => Some(Outcome::Failed(Failure {
                     index: 0,
-                    error: error_chain(&e),
+                    error: statefun_sdk::error_chain(&e),
                 })),
                 Err(p) => Some(Outcome::Failed(Failure {
                     index: 0,

@@ -136,6 +136,18 @@ pub trait StatefulFunction: Send + Sync + 'static {
     }
 }
 
+/// An error and its chain of sources, as one line: "outer: cause: root cause".
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
 /// The text of a caught panic: "function panicked: <message>".
 pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
     if let Some(s) = panic.downcast_ref::<&str>() {

@@ -69,7 +69,7 @@ pub use context::{
 pub use expiry::{Expired, expiry_token};
 pub use function::{
     BatchError, FnFunction, FunctionError, FunctionResult, Invocation, Module, ModuleBuilder, ModuleError,
-    RegisteredFunction, StatefulFunction, panic_message,
+    RegisteredFunction, StatefulFunction, error_chain, panic_message,
 };
 pub use harness::{PendingDelayed, TestHarness};
 pub use spec::{Expiration, FunctionSpec, InvalidStateName, StateSpec, ValueSpec};
