@@ -377,18 +377,22 @@ impl KafkaChangelog {
                 record.topic
             ));
         }
-        // The producer refuses a record above `message.max.bytes`, which would fail
-        // the whole commit again at every retry: refuse it here (with some room for
-        // the record's framing and headers).
+        self.fits("the record", record.key.len() + record.value_bytes.len())?;
+        Ok(record)
+    }
+
+    /// The producer refuses a record above `message.max.bytes`, which would fail the
+    /// whole commit again at every retry: what would not fit is refused before it is
+    /// written (with room for the record's key, framing and headers).
+    fn fits(&self, what: &str, bytes: usize) -> Result<(), String> {
+        const ROOM: usize = 1024;
         let max = self.max_record_bytes();
-        let size = record.key.len() + record.value_bytes.len() + 512;
-        if size > max {
+        if bytes + ROOM > max {
             return Err(format!(
-                "the record is {} bytes, more than the producer's message.max.bytes ({max})",
-                size - 512
+                "{what} is {bytes} bytes, more than the producer's message.max.bytes ({max}) allows"
             ));
         }
-        Ok(record)
+        Ok(())
     }
 
     /// librdkafka's `message.max.bytes`: the configured value, else its default.
@@ -490,8 +494,13 @@ impl Changelog for KafkaChangelog {
     fn check_egress(&self, egress: &TypeName, message: &statefun_sdk::TypedValue) -> Result<(), String> {
         if self.config.record_egresses.contains_key(egress) {
             self.kafka_record(egress, message)?;
+            return Ok(());
         }
-        Ok(())
+        self.fits("the record", message.bytes().map_or(0, |b| b.len()))
+    }
+
+    fn check_value(&self, _name: &str, value: &[u8]) -> Result<(), String> {
+        self.fits("the value", value.len())
     }
 
     /// A transient failure before `commit_transaction` aborts the transaction: nothing

@@ -384,3 +384,80 @@ async fn statefun_kafka_records_go_to_the_topic_they_name_and_an_unlisted_topic_
         "{dead:?}"
     );
 }
+
+/// What Kafka would refuse is refused before the commit: a state value larger than a
+/// changelog record may be fails its invocation (retried, then the address parked, its
+/// message dead-lettered), an oversized egress record is dead-lettered; the other
+/// addresses commit and the runtime keeps running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_state_value_parks_its_address_and_an_oversized_egress_record_is_dead_lettered() {
+    const BLOB: ValueSpec<String> = ValueSpec::named("blob");
+    let t = Topics::new().await;
+    let module = Module::builder()
+        .with_fn(FunctionSpec::new(COUNTER).with_state(BLOB), |ctx, msg| {
+            let what = String::from_utf8_lossy(msg.bytes().map(|b| b.as_ref()).unwrap_or_default()).into_owned();
+            let big = "x".repeat(1_100_000);
+            match what.as_str() {
+                "big-state" => ctx.storage().set(&BLOB, &big)?,
+                "big-egress" => ctx.send_egress(OUT, &big)?,
+                _ => {
+                    ctx.storage().set(&BLOB, &what)?;
+                    ctx.send_egress(OUT, &what)?;
+                }
+            }
+            Ok(())
+        })
+        .build()
+        .unwrap();
+    let changelog = KafkaChangelog::connect(t.changelog_config()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let rocks = RocksDbBackend::open(dir.path(), Default::default()).unwrap();
+    let (backend, _) =
+        ChangelogBackend::open(rocks, Arc::new(changelog), PARTITIONS, Duration::from_millis(50)).unwrap();
+    let dead = statefun_runtime::CollectingDeadLetters::new();
+    let runtime = Runtime::builder()
+        .config(RuntimeConfig {
+            partitions: PARTITIONS,
+            retry: statefun_runtime::RetryConfig {
+                max_attempts: 2,
+                initial_backoff_ms: 1,
+                max_backoff_ms: 1,
+            },
+            ..Default::default()
+        })
+        .module(module)
+        .state_backend(backend)
+        .dead_letters(dead.clone())
+        .build()
+        .unwrap();
+    let h = runtime.handle();
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(runtime.run(stop.clone().cancelled_owned()));
+    for (id, value) in [("a", "one"), ("s", "big-state"), ("e", "big-egress"), ("c", "two")] {
+        let message = TypedValue::from_bytes(TypeName::from_static("test/str"), value.as_bytes().to_vec());
+        h.send(Address::new(COUNTER, id).unwrap(), message).await.unwrap();
+    }
+    let records = consume(&t.output, 2).await;
+    h.wait_idle().await;
+    let parked = h.parked().await.unwrap();
+    stop.cancel();
+    run.await.unwrap().unwrap();
+    let mut got: Vec<String> = records.iter().map(payload).collect();
+    got.sort();
+    assert_eq!(got.len(), 2);
+    assert_eq!(parked.len(), 1, "{parked:?}");
+    assert_eq!(parked[0].0.id(), "s");
+    assert!(parked[0].1.contains(r#"state "blob": the value is"#), "{}", parked[0].1);
+    let mut dead: Vec<(String, String)> = dead
+        .letters()
+        .iter()
+        .map(|d| {
+            let who = d.target.as_ref().or(d.caller.as_ref()).unwrap().id().to_owned();
+            (who, d.reason.to_string())
+        })
+        .collect();
+    dead.sort();
+    assert_eq!(dead.len(), 2, "{dead:?}");
+    assert!(dead[0].1.contains("the record is 1100"), "{dead:?}");
+    assert!(dead[1].1.contains("message.max.bytes"), "{dead:?}");
+}

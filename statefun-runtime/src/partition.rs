@@ -985,6 +985,21 @@ impl Partition {
         if notify {
             self.expiry_notices(&address, &mutations, &touched, &mut delayed);
         }
+        // A value the backend cannot store (e.g. larger than a Kafka changelog record
+        // may be) fails the invocation, not every later commit.
+        if self.durable {
+            let backend = &self.shared.backend;
+            let too_big = mutations.iter().find_map(|m| {
+                let v = m.value.as_ref()?;
+                backend
+                    .check_value(&m.name, v)
+                    .err()
+                    .map(|e| format!("state {:?}: {e}", m.name))
+            });
+            if let Some(error) = too_big {
+                return self.on_failure(address, batch, Failure { index: 0, error });
+            }
+        }
         // Records a committing backend would refuse (e.g. a Kafka record naming a topic
         // that is not configured) are dead-lettered after the write, not committed.
         let mut refused = Vec::new();

@@ -95,6 +95,12 @@ pub trait Changelog: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Whether this changelog can commit a state value of `value.len()` bytes (see
+    /// [`StateBackend::check_value`](super::StateBackend::check_value)). Default: yes.
+    fn check_value(&self, _name: &str, _value: &[u8]) -> Result<(), String> {
+        Ok(())
+    }
+
     /// Makes `unit` durable, atomically: after `Ok` every change and egress record of
     /// it is committed; after `Err` none is (the backend keeps the unit and retries it,
     /// merged with later changes). Returns, per partition with changes, the changelog
@@ -324,6 +330,10 @@ impl StateBackend for ChangelogBackend {
 
     fn check_egress(&self, egress: &TypeName, message: &statefun_sdk::TypedValue) -> Result<(), String> {
         self.inner.changelog.check_egress(egress, message)
+    }
+
+    fn check_value(&self, name: &str, value: &[u8]) -> Result<(), String> {
+        self.inner.changelog.check_value(name, value)
     }
 
     fn owned_partitions(&self) -> Option<Vec<PartitionId>> {

@@ -228,6 +228,13 @@ pub trait StateBackend: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Whether the backend can store this new value of state `name`; `Err` says why not,
+    /// and the invocation fails (retried, then its address parked) instead of the
+    /// write. Called before the batch's write. Default: every value is fine.
+    fn check_value(&self, _name: &str, _value: &[u8]) -> Result<(), String> {
+        Ok(())
+    }
+
     /// How often the runtime calls [`StateBackend::commit`]: `Some` for a backend whose
     /// writes become durable only when committed. Default: `None`.
     fn commit_interval(&self) -> Option<std::time::Duration> {
