@@ -82,6 +82,9 @@ pub struct KafkaClusterConfig {
     pub rocksdb: RocksDbOptions,
     /// How often state, messages and egress are committed. Default: 100 ms.
     pub commit_interval: Duration,
+    /// Writes waiting for a commit (while the broker is away) above which the instance
+    /// takes no more input. Default: 256 MiB.
+    pub max_pending_bytes: usize,
     /// Ingress topics and their routers. A topic's partition `j` is read by the owner of
     /// runtime partition `j % partitions`; key the topic by function id with as many
     /// partitions as the runtime has, and records need no forwarding.
@@ -140,6 +143,7 @@ impl KafkaClusterConfig {
             state_dir: state_dir.into(),
             rocksdb: RocksDbOptions::default(),
             commit_interval: Duration::from_millis(100),
+            max_pending_bytes: statefun_runtime::state::changelog::DEFAULT_MAX_PENDING_BYTES,
             ingress: Vec::new(),
             start: StartPosition::Earliest,
             egress_topics: HashMap::new(),
@@ -604,6 +608,7 @@ fn restore(
         config.commit_interval,
     )
     .map_err(state_err)?;
+    backend.set_max_pending_bytes(config.max_pending_bytes);
     tracing::info!(partitions = ?parts, changes = restored.changes, "restored from the changelog");
     Ok(backend)
 }

@@ -125,6 +125,9 @@ impl LocalFunction {
     }
 }
 
+/// How often a partition whose backend refused input asks again.
+const INPUT_RECHECK: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// Most states one function type may register through the handshake (a bound against a
 /// function that keeps asking for new names).
 const MAX_STATES_PER_FUNCTION: usize = 1024;
@@ -654,6 +657,12 @@ impl Partition {
         let mut ingress_open = true;
         self.resume();
         loop {
+            // A backend with too much pending (a commit waiting for its broker) takes no
+            // more input until it has committed; checked again every 20 ms.
+            if !self.accept_blocked && !self.shared.backend.accepts_input() {
+                self.accept_blocked = true;
+                self.timers.schedule_accept_retry(deadline_after(INPUT_RECHECK));
+            }
             // Take everything that is ready without waiting.
             let mut progressed = false;
             for _ in 0..BUDGET {

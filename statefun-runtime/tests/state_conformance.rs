@@ -710,3 +710,77 @@ async fn cluster_mode_commits_messages_for_other_instances_and_accepts_them_once
     assert_eq!(h.state(&there_address, &SEEN).await.unwrap(), Some(1));
     run.abort();
 }
+
+/// While a changelog cannot commit (a broker that is away), pending writes are bounded:
+/// past `max_pending_bytes` the partition takes no more ingress, instead of growing in
+/// memory; when commits succeed again, everything is processed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changelogged_input_pauses_while_too_much_is_pending_and_resumes_after_a_commit() {
+    use statefun_runtime::{Runtime, RuntimeConfig};
+    use statefun_sdk::prelude::*;
+    use std::sync::atomic::Ordering;
+    const F: TypeName = TypeName::from_static("t/blob");
+    const BLOB: ValueSpec<String> = ValueSpec::named("blob");
+    const MESSAGES: u64 = 1000;
+
+    let changelog = Arc::new(MemoryChangelog::default());
+    let dir = tempfile::tempdir().unwrap();
+    let rocks = statefun_runtime::state::RocksDbBackend::open(dir.path(), Default::default()).unwrap();
+    let (backend, _) =
+        ChangelogBackend::open(rocks, changelog.clone(), 1, std::time::Duration::from_millis(10)).unwrap();
+    backend.set_max_pending_bytes(50_000);
+    let module = Module::builder()
+        .with_fn(FunctionSpec::new(F).with_state(BLOB), |ctx, msg| {
+            let n: i64 = msg.decode()?;
+            // About 1 KB of state per message, each at its own address.
+            ctx.storage().set(&BLOB, &format!("{n:01000}"))?;
+            Ok(())
+        })
+        .build()
+        .unwrap();
+    let runtime = Runtime::builder()
+        .config(RuntimeConfig {
+            partitions: 1,
+            ingress_queue_capacity: 8,
+            ..Default::default()
+        })
+        .module(module)
+        .state_backend(backend.clone())
+        .build()
+        .unwrap();
+    let h = runtime.handle();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let running = tokio::spawn(runtime.run(stop.clone().cancelled_owned()));
+    // The broker goes away.
+    changelog.fail.store(true, Ordering::SeqCst);
+    let sender = {
+        let h = h.clone();
+        tokio::spawn(async move {
+            for i in 0..MESSAGES {
+                h.send_value(Address::new(F, format!("k{i}")).unwrap(), &(i as i64))
+                    .await
+                    .unwrap();
+            }
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    let invoked = |stats: Vec<statefun_runtime::PartitionStats>| stats.iter().map(|s| s.invocations).sum::<u64>();
+    let while_away = invoked(h.stats().await.unwrap());
+    // 50 KB at about 1 KB a message, plus at most one loop turn of input (256) taken
+    // before the bound is seen.
+    assert!(while_away < 400, "{while_away} messages taken in while nothing commits");
+    assert!(!sender.is_finished(), "the sender waits for room");
+    let pending = backend.pending_bytes();
+    assert!(pending < 400_000, "{pending} bytes pending");
+    // The broker is back: the pending writes commit and the rest flows.
+    changelog.fail.store(false, Ordering::SeqCst);
+    sender.await.unwrap();
+    h.wait_idle().await;
+    assert_eq!(invoked(h.stats().await.unwrap()), MESSAGES);
+    assert_eq!(
+        h.state(&Address::new(F, "k999").unwrap(), &BLOB).await.unwrap(),
+        Some(format!("{:01000}", 999))
+    );
+    stop.cancel();
+    running.await.unwrap().unwrap();
+}

@@ -25,6 +25,7 @@
 //! [`StateBackend::committed_progress`] reads RocksDB, not the overlay.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -118,6 +119,9 @@ pub trait Changelog: Send + Sync + 'static {
     ) -> Result<(), Error>;
 }
 
+/// Default bound on pending writes: 256 MiB.
+pub const DEFAULT_MAX_PENDING_BYTES: usize = 256 << 20;
+
 struct Overlay {
     /// Writes since the last seal.
     current: CommitUnit,
@@ -136,6 +140,13 @@ struct Inner {
     overlay: Mutex<Overlay>,
     /// One commit at a time.
     commit_lock: Mutex<()>,
+    /// Bytes staged since the last seal (keys, values, egress records, messages).
+    staged_bytes: AtomicUsize,
+    /// Bytes of the sealed unit that has not committed yet.
+    committing_bytes: AtomicUsize,
+    /// Above this many pending bytes (staged plus committing), the partitions take no
+    /// more input (`StateBackend::accepts_input`).
+    max_pending_bytes: AtomicUsize,
 }
 
 /// RocksDB state made durable through a [`Changelog`] (module docs). Clones share the
@@ -226,9 +237,24 @@ impl ChangelogBackend {
                     committing: Arc::default(),
                 }),
                 commit_lock: Mutex::new(()),
+                staged_bytes: AtomicUsize::new(0),
+                committing_bytes: AtomicUsize::new(0),
+                max_pending_bytes: AtomicUsize::new(DEFAULT_MAX_PENDING_BYTES),
             }),
         };
         Ok((backend, restored))
+    }
+
+    /// Sets the bound on pending writes (default [`DEFAULT_MAX_PENDING_BYTES`]): while
+    /// more bytes than this wait for a commit (a broker that is away keeps them
+    /// pending), the partitions take no input; messages between functions still flow.
+    pub fn set_max_pending_bytes(&self, bytes: usize) {
+        self.inner.max_pending_bytes.store(bytes.max(1), Ordering::Relaxed);
+    }
+
+    /// Bytes written and not committed yet (staged and committing).
+    pub fn pending_bytes(&self) -> usize {
+        self.inner.staged_bytes.load(Ordering::Relaxed) + self.inner.committing_bytes.load(Ordering::Relaxed)
     }
 
     fn owns(&self, partition: PartitionId) -> bool {
@@ -258,7 +284,16 @@ impl ChangelogBackend {
     /// interval) is dropped: its key is unique (a sequence number), so it never
     /// reached the changelog or RocksDB, and neither needs to hear of it.
     fn stage(&self, unit: CommitUnit) {
+        let bytes = unit
+            .changes
+            .values()
+            .flat_map(|c| c.iter())
+            .map(|(k, v)| k.len() + v.as_ref().map_or(0, |v| v.len()))
+            .chain(unit.egress.iter().map(|e| e.message.bytes().map_or(0, |b| b.len())))
+            .chain(unit.messages.iter().map(|(_, m)| m.len()))
+            .sum::<usize>();
         let mut o = self.inner.overlay.lock().expect("overlay lock");
+        self.inner.staged_bytes.fetch_add(bytes, Ordering::Relaxed);
         for (p, changes) in unit.changes {
             let current = o.current.changes.entry(p).or_default();
             for (key, value) in changes {
@@ -344,11 +379,17 @@ impl StateBackend for ChangelogBackend {
         Some(self.inner.interval)
     }
 
+    fn accepts_input(&self) -> bool {
+        self.pending_bytes() < self.inner.max_pending_bytes.load(Ordering::Relaxed)
+    }
+
     fn commit(&self) -> Result<(), Error> {
         let _one = self.inner.commit_lock.lock().expect("commit lock");
         let unit = {
             let mut o = self.inner.overlay.lock().expect("overlay lock");
             let current = std::mem::take(&mut o.current);
+            let sealed = self.inner.staged_bytes.swap(0, Ordering::Relaxed);
+            self.inner.committing_bytes.fetch_add(sealed, Ordering::Relaxed);
             if o.committing.is_empty() {
                 if current.is_empty() {
                     return Ok(());
@@ -374,6 +415,8 @@ impl StateBackend for ChangelogBackend {
             .collect();
         let applied = self.inner.rocks.apply_raw(&ops, &positions);
         let mut o = self.inner.overlay.lock().expect("overlay lock");
+        // Committed to the changelog: no longer pending, whatever RocksDB says.
+        self.inner.committing_bytes.store(0, Ordering::Relaxed);
         o.committing = match applied {
             Ok(()) => Arc::default(),
             // Committed: the egress records must not be produced again. The changes

@@ -235,6 +235,14 @@ pub trait StateBackend: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Whether the partitions may take more input now. A backend whose writes wait for
+    /// a commit says no while too much is pending (a broker that is away); the runtime
+    /// then stops taking ingress records, checking again every 20 ms, while messages
+    /// between functions keep flowing. Default: always.
+    fn accepts_input(&self) -> bool {
+        true
+    }
+
     /// How often the runtime calls [`StateBackend::commit`]: `Some` for a backend whose
     /// writes become durable only when committed. Default: `None`.
     fn commit_interval(&self) -> Option<std::time::Duration> {
