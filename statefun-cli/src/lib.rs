@@ -96,6 +96,9 @@ pub fn plan(spec: &ModuleSpec, overrides: &Overrides) -> anyhow::Result<Plan> {
         state_dir,
     );
     cluster.commit_interval = rt.commit_interval;
+    // Dead letters of messages commit in the transaction; those of ingress records that
+    // cannot be routed go through the instance's dead-letter producer, same topic.
+    cluster.dead_letter_topic = rt.dead_letter_topic.clone();
     let mut start = None;
     for ingress in &spec.ingresses {
         let id = &ingress.id;

@@ -27,6 +27,7 @@ use rdkafka::message::Message;
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use statefun_runtime::PartitionId;
+use statefun_runtime::egress::{DEAD_LETTERS, DeadLetterRecord};
 use statefun_runtime::state::{Changelog, CommitUnit, Error as StateError, RawOp};
 use statefun_sdk::protocol::egress::KafkaProducerRecord;
 use statefun_sdk::{TypeName, ValueType};
@@ -56,6 +57,11 @@ pub struct KafkaChangelogConfig {
     /// another type or naming another topic is refused (and dead-lettered by the
     /// runtime).
     pub record_egresses: HashMap<TypeName, BTreeSet<String>>,
+    /// Where the dead letters of messages go, in the transaction (the runtime's
+    /// `DEAD_LETTERS` egress): each commits with the removal of the message it replaces,
+    /// so a crash neither loses nor repeats it. The topic must exist. Default: none
+    /// (dead letters go to the runtime's dead-letter sink).
+    pub dead_letter_topic: Option<String>,
     /// Replication factor of a created changelog topic. Default: 1.
     pub replication_factor: i32,
     /// Create the changelog topic if it is missing (admin API). Set it to false where
@@ -87,6 +93,7 @@ impl KafkaChangelogConfig {
             transactional_id: transactional_id.into(),
             egress_topics: HashMap::new(),
             record_egresses: HashMap::new(),
+            dead_letter_topic: None,
             replication_factor: 1,
             create_topic: true,
             timeout: Duration::from_secs(30),
@@ -296,6 +303,7 @@ impl KafkaChangelog {
             .egress_topics
             .values()
             .chain(self.config.record_egresses.values().flatten())
+            .chain(self.config.dead_letter_topic.iter())
         {
             if partitions_of(topic)? == 0 {
                 return Err(Error {
@@ -419,6 +427,16 @@ impl KafkaChangelog {
             }
         }
         for record in &unit.egress {
+            if record.egress == DEAD_LETTERS
+                && let Some(topic) = &self.config.dead_letter_topic
+            {
+                let letter: DeadLetterRecord = record
+                    .message
+                    .decode()
+                    .map_err(|e| StateError::Permanent(format!("a dead letter does not decode: {e}")))?;
+                self.send(crate::dead_letter_record(topic, &letter, record))?;
+                continue;
+            }
             if self.config.record_egresses.contains_key(&record.egress) {
                 // Checked before the write (`check_egress`): a record here is valid.
                 let r = self
@@ -488,7 +506,9 @@ impl KafkaChangelog {
 
 impl Changelog for KafkaChangelog {
     fn takes_egress(&self, egress: &TypeName) -> bool {
-        self.config.egress_topics.contains_key(egress) || self.config.record_egresses.contains_key(egress)
+        self.config.egress_topics.contains_key(egress)
+            || self.config.record_egresses.contains_key(egress)
+            || (*egress == DEAD_LETTERS && self.config.dead_letter_topic.is_some())
     }
 
     fn check_egress(&self, egress: &TypeName, message: &statefun_sdk::TypedValue) -> Result<(), String> {

@@ -98,6 +98,9 @@ pub struct KafkaClusterConfig {
     /// the given topics, which must exist), committed in the transaction (see
     /// `KafkaChangelogConfig::record_egresses`).
     pub record_egresses: HashMap<TypeName, std::collections::BTreeSet<String>>,
+    /// Where the dead letters of messages go, in the transaction (see
+    /// `KafkaChangelogConfig::dead_letter_topic`). Default: none.
+    pub dead_letter_topic: Option<String>,
     /// How long a silent instance keeps its partitions (`session.timeout.ms`). Default:
     /// 10 s.
     pub session_timeout: Duration,
@@ -148,6 +151,7 @@ impl KafkaClusterConfig {
             start: StartPosition::Earliest,
             egress_topics: HashMap::new(),
             record_egresses: HashMap::new(),
+            dead_letter_topic: None,
             session_timeout: Duration::from_secs(10),
             rebalance_timeout: Duration::from_secs(60),
             assignment: Assignment::Cooperative,
@@ -357,6 +361,7 @@ impl KafkaCluster {
         );
         changelog_config.egress_topics = config.egress_topics.clone();
         changelog_config.record_egresses = config.record_egresses.clone();
+        changelog_config.dead_letter_topic = config.dead_letter_topic.clone();
         changelog_config.replication_factor = config.replication_factor;
         changelog_config.timeout = config.timeout;
         changelog_config.internal_topic = Some(internal.clone());

@@ -145,6 +145,8 @@ impl statefun_runtime::ingress::Router for RecordRouter {
 
 /// Header carrying an egress record's id (see `EgressRecord::id`).
 pub const EGRESS_ID_HEADER: &str = "statefun-egress-id";
+/// Header carrying a dead letter's reason.
+pub const DEAD_LETTER_REASON_HEADER: &str = "statefun-dead-letter-reason";
 /// Header carrying the type name of an egress record's value.
 pub const TYPE_HEADER: &str = "statefun-type";
 
@@ -468,6 +470,46 @@ fn producer_record<'a>(r: &'a KafkaProducerRecord, record: &'a EgressRecord) -> 
     out
 }
 
+/// A dead letter committed in the transaction, as [`KafkaDeadLetters`] writes one: key =
+/// the target's id, value = the message's bytes, headers = the reason, the target, the
+/// message's type and the egress record's id.
+fn dead_letter_record<'a>(
+    topic: &'a str,
+    letter: &'a statefun_runtime::egress::DeadLetterRecord,
+    record: &'a EgressRecord,
+) -> BaseRecord<'a, [u8], [u8]> {
+    let mut headers = OwnedHeaders::new().insert(Header {
+        key: DEAD_LETTER_REASON_HEADER,
+        value: Some(letter.reason.as_str()),
+    });
+    if let Some(t) = &letter.target {
+        headers = headers.insert(Header {
+            key: "statefun-target",
+            value: Some(t.as_str()),
+        });
+    }
+    if let Some(t) = &letter.message_type {
+        headers = headers.insert(Header {
+            key: TYPE_HEADER,
+            value: Some(t.as_str()),
+        });
+    }
+    if let Some(id) = record.id {
+        headers = headers.insert(Header {
+            key: EGRESS_ID_HEADER,
+            value: Some(id.to_string().as_str()),
+        });
+    }
+    let mut r = BaseRecord::to(topic).headers(headers);
+    if let Some(k) = &letter.target_id {
+        r = r.key(k.as_bytes());
+    }
+    if let Some(v) = &letter.message {
+        r = r.payload(v.as_ref());
+    }
+    r
+}
+
 /// An egress record as a Kafka record to `topic`: key = the producing address's id,
 /// value = the record's bytes, headers = its type and its id if it has one.
 fn egress_record<'a>(topic: &'a str, record: &'a EgressRecord) -> BaseRecord<'a, [u8], [u8]> {
@@ -527,7 +569,7 @@ impl DeadLetterSink for KafkaDeadLetters {
     fn send(&self, d: DeadLetter) {
         let reason = d.reason.to_string();
         let mut headers = OwnedHeaders::new().insert(Header {
-            key: "statefun-dead-letter-reason",
+            key: DEAD_LETTER_REASON_HEADER,
             value: Some(reason.as_str()),
         });
         let target = d.target.as_ref().map(|t| t.to_string());

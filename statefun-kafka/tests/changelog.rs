@@ -461,3 +461,83 @@ async fn an_oversized_state_value_parks_its_address_and_an_oversized_egress_reco
     assert!(dead[0].1.contains("the record is 1100"), "{dead:?}");
     assert!(dead[1].1.contains("message.max.bytes"), "{dead:?}");
 }
+
+/// With a dead-letter topic on the changelog, the dead letters of messages commit in
+/// the transaction (with the removal of the message they replace): a function that
+/// keeps failing is parked and its message's dead letter, then one for a message to the
+/// parked address, are on the topic for a read_committed consumer, each once, with
+/// their reason; none goes to the runtime's sink.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_of_messages_commit_in_the_transaction() {
+    let t = Topics::new().await;
+    let dlq = unique("cl-dead");
+    create_topics(&[&dlq], 1).await;
+    let module = Module::builder()
+        .with_fn(FunctionSpec::new(COUNTER), |ctx, msg| {
+            if msg.bytes().map(|b| b.as_ref()) == Some(&b"fail"[..]) {
+                return Err("this message always fails".into());
+            }
+            ctx.send_egress(OUT, &"ok".to_string())?;
+            Ok(())
+        })
+        .build()
+        .unwrap();
+    let mut config = t.changelog_config();
+    config.dead_letter_topic = Some(dlq.clone());
+    let changelog = KafkaChangelog::connect(config).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let rocks = RocksDbBackend::open(dir.path(), Default::default()).unwrap();
+    let (backend, _) =
+        ChangelogBackend::open(rocks, Arc::new(changelog), PARTITIONS, Duration::from_millis(50)).unwrap();
+    let sink = statefun_runtime::CollectingDeadLetters::new();
+    let runtime = Runtime::builder()
+        .config(RuntimeConfig {
+            partitions: PARTITIONS,
+            retry: statefun_runtime::RetryConfig {
+                max_attempts: 2,
+                initial_backoff_ms: 1,
+                max_backoff_ms: 1,
+            },
+            ..Default::default()
+        })
+        .module(module)
+        .state_backend(backend)
+        .dead_letters(sink.clone())
+        .build()
+        .unwrap();
+    let h = runtime.handle();
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(runtime.run(stop.clone().cancelled_owned()));
+    let send = |id: &str, v: &str| {
+        let message = TypedValue::from_bytes(TypeName::from_static("test/str"), v.as_bytes().to_vec());
+        (Address::new(COUNTER, id).unwrap(), message)
+    };
+    let (a, m) = send("x", "fail");
+    h.send(a, m).await.unwrap();
+    h.wait_idle().await;
+    let (a, m) = send("x", "again");
+    h.send(a, m).await.unwrap();
+    let (a, m) = send("y", "fine");
+    h.send(a, m).await.unwrap();
+    h.wait_idle().await;
+    let letters = consume(&dlq, 2).await;
+    let ok = consume(&t.output, 1).await;
+    stop.cancel();
+    run.await.unwrap().unwrap();
+    assert_eq!(ok.len(), 1);
+    assert_eq!(letters.len(), 2, "each dead letter once");
+    let reasons: Vec<String> = letters
+        .iter()
+        .map(|m| {
+            assert_eq!(m.key(), Some(&b"x"[..]));
+            header(m, "statefun-dead-letter-reason").unwrap()
+        })
+        .collect();
+    assert!(
+        reasons[0].contains("function failed 2 time(s)") && reasons[0].contains("always fails"),
+        "{reasons:?}"
+    );
+    assert!(reasons[1].contains("address is parked"), "{reasons:?}");
+    assert_eq!(letters[0].payload(), Some(&b"fail"[..]));
+    assert!(sink.letters().is_empty(), "nothing went to the sink");
+}

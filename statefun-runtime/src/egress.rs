@@ -179,6 +179,51 @@ pub struct DeadLetter {
     pub record: Option<IngressRecord>,
 }
 
+/// The egress id under which a backend that commits per interval may take dead letters
+/// into its commits ([`StateBackend::takes_egress`](crate::state::StateBackend::takes_egress)):
+/// a message's dead letter then commits in the same write as the removal of the
+/// message from its inbox, so it is neither lost nor repeated by a crash. Dead letters
+/// of ingress records that cannot be routed still go to the sink.
+pub const DEAD_LETTERS: TypeName = TypeName::from_static("statefun-rs/dead-letters");
+
+/// A dead letter as the value of a [`DEAD_LETTERS`] egress record.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct DeadLetterRecord {
+    /// Why (the [`DeadLetterReason`] as text).
+    #[prost(string, tag = "1")]
+    pub reason: String,
+    /// The intended receiver, `type/id`.
+    #[prost(string, optional, tag = "2")]
+    pub target: Option<String>,
+    /// Its id alone (the Kafka record key of a dead letter).
+    #[prost(string, optional, tag = "3")]
+    pub target_id: Option<String>,
+    /// The sender, `type/id`.
+    #[prost(string, optional, tag = "4")]
+    pub caller: Option<String>,
+    /// The message's type name.
+    #[prost(string, optional, tag = "5")]
+    pub message_type: Option<String>,
+    /// The message's bytes.
+    #[prost(bytes = "bytes", optional, tag = "6")]
+    pub message: Option<bytes::Bytes>,
+}
+statefun_sdk::protobuf_type!(DeadLetterRecord, "statefun-rs/dead-letter");
+
+impl DeadLetterRecord {
+    /// The record of a dead letter (an ingress record's fields are not kept).
+    pub fn of(d: &DeadLetter) -> DeadLetterRecord {
+        DeadLetterRecord {
+            reason: d.reason.to_string(),
+            target: d.target.as_ref().map(ToString::to_string),
+            target_id: d.target.as_ref().map(|t| t.id().to_owned()),
+            caller: d.caller.as_ref().map(ToString::to_string),
+            message_type: d.message.as_ref().map(|m| m.type_name().as_str().to_owned()),
+            message: d.message.as_ref().and_then(|m| m.bytes().cloned()),
+        }
+    }
+}
+
 /// Receives dead letters.
 pub trait DeadLetterSink: Send + Sync + 'static {
     /// Accepts one dead letter. Must not block.

@@ -37,7 +37,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::egress::{DeadLetter, DeadLetterReason, EgressId, EgressRecord};
+use crate::egress::{DEAD_LETTERS, DeadLetter, DeadLetterReason, EgressId, EgressRecord};
 use crate::metrics;
 use crate::partitioner::PartitionId;
 use crate::runtime::{Envelope, QueryError, Shared};
@@ -803,15 +803,34 @@ impl Partition {
         if let Some(key) = env.inbox {
             self.deferred.push(LogOp::delete(self.id, key));
         }
-        self.stats.dead_letters += 1;
-        self.shared.dead_letter(DeadLetter {
+        let letter = DeadLetter {
             reason,
             target: Some(env.target),
             caller: env.caller,
             message: Some(env.message),
             record: None,
-        });
+        };
+        // Committed with the deletion above when the backend takes dead letters.
+        match self.dead_letter_op(&letter) {
+            Some(op) => self.deferred.push(op),
+            None => self.shared.dead_letter(letter),
+        }
+        self.stats.dead_letters += 1;
         self.shared.finish(1);
+    }
+
+    /// The log entry that commits `letter` with the partition's next write, when the
+    /// backend commits per interval and takes dead letters ([`DEAD_LETTERS`]); `None`
+    /// when it goes to the sink.
+    fn dead_letter_op(&mut self, letter: &DeadLetter) -> Option<LogOp> {
+        if !self.durable || !self.shared.backend.takes_egress(&DEAD_LETTERS) {
+            return None;
+        }
+        let source = letter.target.as_ref().or(letter.caller.as_ref())?.clone();
+        let message = TypedValue::of(&crate::egress::DeadLetterRecord::of(letter)).ok()?;
+        let key = LogKey::Egress { seq: self.next_seq() };
+        let value = entries::encode_egress(&DEAD_LETTERS, &source, &message, self.shared.run_id);
+        Some(LogOp::put(self.id, key, value))
     }
 
     /// Accepts a message for an address this partition owns.
@@ -1017,7 +1036,16 @@ impl Partition {
             egress.retain(|e| match backend.check_egress(&e.egress, &e.message) {
                 Ok(()) => true,
                 Err(error) => {
-                    refused.push((e.clone(), error));
+                    refused.push(DeadLetter {
+                        reason: DeadLetterReason::EgressFailed {
+                            egress: e.egress.clone(),
+                            error,
+                        },
+                        target: None,
+                        caller: Some(address.clone()),
+                        message: Some(e.message.clone()),
+                        record: None,
+                    });
                     false
                 }
             });
@@ -1068,6 +1096,16 @@ impl Partition {
                 position: None,
             })
             .collect();
+        // Refused records' dead letters commit with this write when the backend takes
+        // dead letters (a failed write retries the batch, which refuses them again).
+        let mut letters_committed = false;
+        if !refused.is_empty() {
+            let ops: Vec<LogOp> = refused.iter().filter_map(|l| self.dead_letter_op(l)).collect();
+            letters_committed = ops.len() == refused.len();
+            if letters_committed {
+                wb.log.extend(ops);
+            }
+        }
         let Logged {
             deferred,
             timer_keys,
@@ -1087,18 +1125,11 @@ impl Partition {
             };
             return self.on_failure(address, batch, failure);
         }
-        for (e, error) in refused {
+        for letter in refused {
             self.stats.dead_letters += 1;
-            self.shared.dead_letter(DeadLetter {
-                reason: DeadLetterReason::EgressFailed {
-                    egress: e.egress,
-                    error,
-                },
-                target: None,
-                caller: Some(address.clone()),
-                message: Some(e.message),
-                record: None,
-            });
+            if !letters_committed {
+                self.shared.dead_letter(letter);
+            }
         }
         // 2. Messages to functions.
         self.shared.begin(out.len());
