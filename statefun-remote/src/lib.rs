@@ -77,6 +77,13 @@ pub struct RemoteOptions {
     pub initial_backoff: Duration,
     /// Longest wait between attempts. Default 1 s.
     pub max_backoff: Duration,
+    /// `https`: certificate authorities (PEM files) trusted besides Mozilla's roots
+    /// (StateFun's `trust_cacerts`). Default: none.
+    pub trusted_ca_pem: Vec<std::path::PathBuf>,
+    /// `https`: the client certificate chain and its private key (PEM files), for
+    /// endpoints that require client authentication (StateFun's `client_cert` and
+    /// `client_key`). Default: none.
+    pub client_identity_pem: Option<(std::path::PathBuf, std::path::PathBuf)>,
 }
 
 impl Default for RemoteOptions {
@@ -89,6 +96,8 @@ impl Default for RemoteOptions {
             max_response_bytes: 32 * 1024 * 1024,
             initial_backoff: Duration::from_millis(10),
             max_backoff: Duration::from_secs(1),
+            trusted_ca_pem: Vec::new(),
+            client_identity_pem: None,
         }
     }
 }
@@ -111,6 +120,9 @@ pub enum SetupError {
     /// The HTTP client could not be built.
     #[error("cannot build the HTTP client: {0}")]
     Client(#[from] reqwest::Error),
+    /// A certificate or key file could not be read or used.
+    #[error("TLS: {0}")]
+    Tls(String),
     /// Two endpoints serve the same function type or namespace.
     #[error(transparent)]
     Module(#[from] statefun_sdk::ModuleError),
@@ -138,6 +150,8 @@ pub fn remote_module(spec: &module::ModuleSpec) -> Result<Module, SetupError> {
             pool_ttl: e.pool_ttl,
             pool_size: e.pool_size as usize,
             max_response_bytes: usize::try_from(e.payload_max_bytes).unwrap_or(usize::MAX),
+            trusted_ca_pem: e.trust_cacerts.iter().cloned().collect(),
+            client_identity_pem: e.client_identity.clone(),
             ..Default::default()
         })?;
         let url = match &e.functions {
@@ -186,8 +200,9 @@ enum Attempt {
 }
 
 /// A pooled HTTP client for StateFun's HTTP endpoints: one per endpoint (or per
-/// application), shared by every function it reaches. Plain `http://` only: no TLS
-/// stack is compiled in (put a TLS-terminating proxy in front of `https` endpoints).
+/// application), shared by every function it reaches. `http://` and `https://`
+/// (rustls; Mozilla's roots plus `RemoteOptions::trusted_ca_pem`, and a client
+/// certificate for endpoints that ask for one).
 #[derive(Debug, Clone)]
 pub struct HttpTransport {
     client: reqwest::Client,
@@ -197,13 +212,14 @@ pub struct HttpTransport {
 }
 
 impl HttpTransport {
-    /// A client with `options`' connect timeout and pool settings.
+    /// A client with `options`' connect timeout, pool and TLS settings.
     pub fn new(options: RemoteOptions) -> Result<HttpTransport, SetupError> {
         let client = reqwest::Client::builder()
             .connect_timeout(options.connect_timeout)
             .pool_idle_timeout(options.pool_ttl)
             .pool_max_idle_per_host(options.pool_size)
             .tcp_nodelay(true)
+            .tls_backend_preconfigured(tls_config(&options)?)
             .build()?;
         Ok(HttpTransport {
             client,
@@ -236,6 +252,48 @@ impl HttpTransport {
     }
 }
 
+/// The TLS settings of `https` endpoints: rustls with the ring provider, Mozilla's root
+/// certificates plus `options.trusted_ca_pem`, and the client identity if any.
+fn tls_config(options: &RemoteOptions) -> Result<rustls::ClientConfig, SetupError> {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let tls = |what: &std::path::Path, e: &dyn std::fmt::Display| SetupError::Tls(format!("{}: {e}", what.display()));
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    for path in &options.trusted_ca_pem {
+        let certs = CertificateDer::pem_file_iter(path)
+            .map_err(|e| tls(path, &e))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| tls(path, &e))?;
+        if certs.is_empty() {
+            return Err(tls(path, &"no certificate in the file"));
+        }
+        for cert in certs {
+            roots.add(cert).map_err(|e| tls(path, &e))?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| SetupError::Tls(e.to_string()))?
+        .with_root_certificates(roots);
+    let mut config = match &options.client_identity_pem {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => {
+            let chain = CertificateDer::pem_file_iter(cert)
+                .map_err(|e| tls(cert, &e))?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| tls(cert, &e))?;
+            let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| tls(key, &e))?;
+            builder
+                .with_client_auth_cert(chain, key_der)
+                .map_err(|e| tls(cert, &e))?
+        }
+    };
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
 /// The placeholder of a URL template (StateFun substitutes only this one).
 const FUNCTION_NAME: &str = "{function.name}";
 
@@ -244,10 +302,10 @@ fn check_url(url: &str) -> Result<reqwest::Url, SetupError> {
         url: url.to_owned(),
         reason: e.to_string(),
     })?;
-    if parsed.scheme() != "http" {
+    if !matches!(parsed.scheme(), "http" | "https") {
         return Err(SetupError::Url {
             url: url.to_owned(),
-            reason: "only http:// is supported (no TLS stack is compiled in)".to_owned(),
+            reason: "not an http:// or https:// URL".to_owned(),
         });
     }
     Ok(parsed)
@@ -281,7 +339,7 @@ impl GrpcTransport {
         };
         if !url.starts_with("http://") {
             return Err(invalid(
-                "only http:// is supported (no TLS stack is compiled in)".to_owned(),
+                "only http:// is supported for gRPC (use the HTTP transport for https endpoints)".to_owned(),
             ));
         }
         let channel = tonic::transport::Endpoint::from_shared(url.to_owned())

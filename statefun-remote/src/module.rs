@@ -132,6 +132,12 @@ pub struct HttpEndpoint {
     pub pool_size: u32,
     /// Largest request or response. Default 32 MiB.
     pub payload_max_bytes: u64,
+    /// `https`: a PEM file of certificate authorities to trust besides the public roots
+    /// (`trust_cacerts`).
+    pub trust_cacerts: Option<std::path::PathBuf>,
+    /// `https`: the client certificate chain and key, PEM files (`client_cert`,
+    /// `client_key`).
+    pub client_identity: Option<(std::path::PathBuf, std::path::PathBuf)>,
 }
 
 impl HttpEndpoint {
@@ -285,6 +291,10 @@ struct TransportSpec {
     pool_ttl: Option<FlinkDuration>,
     pool_size: Option<u32>,
     payload_max_bytes: Option<u64>,
+    trust_cacerts: Option<String>,
+    client_cert: Option<String>,
+    client_key: Option<String>,
+    client_key_password: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -474,6 +484,20 @@ fn functions_pattern(functions: &str) -> Result<FunctionsPattern, String> {
     })
 }
 
+/// A certificate or key file as StateFun names it: `file:/path` or a plain path.
+fn pem_path(field: &str, s: &str) -> Result<std::path::PathBuf, String> {
+    if s.starts_with("classpath:") {
+        return Err(format!(
+            "{field}: {s:?}: classpath resources do not exist here; use file:/path"
+        ));
+    }
+    let path = s.strip_prefix("file:").unwrap_or(s);
+    if path.is_empty() {
+        return Err(format!("{field}: empty path"));
+    }
+    Ok(std::path::PathBuf::from(path))
+}
+
 fn grpc(s: GrpcSpec) -> Result<GrpcEndpoint, String> {
     if !s.url.starts_with("http://") {
         return Err(format!("spec.url: {:?} is not an http:// URL", s.url));
@@ -546,6 +570,10 @@ fn http(s: HttpSpec) -> Result<HttpEndpoint, String> {
         pool_ttl: None,
         pool_size: None,
         payload_max_bytes: None,
+        trust_cacerts: None,
+        client_cert: None,
+        client_key: None,
+        client_key_password: None,
     });
     match t.kind.as_deref() {
         None | Some("io.statefun.transports.v1/async") | Some("io.statefun.transports.v1/okhttp") => {}
@@ -567,7 +595,25 @@ fn http(s: HttpSpec) -> Result<HttpEndpoint, String> {
         pool_ttl: t.pool_ttl.map_or(Duration::from_secs(15), |d| d.0),
         pool_size: t.pool_size.unwrap_or(1024),
         payload_max_bytes: t.payload_max_bytes.unwrap_or(32 << 20),
+        trust_cacerts: t
+            .trust_cacerts
+            .as_deref()
+            .map(|p| pem_path("spec.transport.trust_cacerts", p))
+            .transpose()?,
+        client_identity: match (t.client_cert.as_deref(), t.client_key.as_deref()) {
+            (None, None) => None,
+            (Some(c), Some(k)) => Some((
+                pem_path("spec.transport.client_cert", c)?,
+                pem_path("spec.transport.client_key", k)?,
+            )),
+            _ => return Err("spec.transport: client_cert and client_key go together".into()),
+        },
     };
+    if t.client_key_password.is_some() {
+        return Err(
+            "spec.transport.client_key_password: encrypted keys are not supported; give an unencrypted PEM key".into(),
+        );
+    }
     if endpoint.call_timeout.is_zero() {
         return Err("spec.transport.call: the call timeout must be above 0".into());
     }
@@ -757,6 +803,36 @@ spec:
     type: exactly-once
     transactionTimeout: 15min
 ";
+
+    #[test]
+    fn tls_options_of_the_async_transport_read_as_paths_and_classpath_is_refused() {
+        let doc = |transport: &str| {
+            format!(
+                "kind: io.statefun.endpoints.v2/http\nspec:\n  functions: a/b\n  urlPathTemplate: https://x/\n  transport:\n{transport}"
+            )
+        };
+        let m = parse(&doc(
+            "    trust_cacerts: file:/etc/ca.pem\n    client_cert: /etc/c.pem\n    client_key: file:/etc/k.pem\n",
+        ))
+        .unwrap();
+        let e = &m.endpoints[0];
+        assert_eq!(e.trust_cacerts.as_deref(), Some(std::path::Path::new("/etc/ca.pem")));
+        assert_eq!(e.client_identity, Some(("/etc/c.pem".into(), "/etc/k.pem".into())));
+        for (transport, expected) in [
+            (
+                "    trust_cacerts: classpath:ca.pem\n",
+                "spec.transport.trust_cacerts: \"classpath:ca.pem\": classpath",
+            ),
+            ("    client_cert: /c.pem\n", "client_cert and client_key go together"),
+            (
+                "    client_cert: /c.pem\n    client_key: /k.pem\n    client_key_password: x\n",
+                "client_key_password: encrypted keys are not supported",
+            ),
+        ] {
+            let e = parse(&doc(transport)).unwrap_err().to_string();
+            assert!(e.contains(expected), "{e} should contain {expected}");
+        }
+    }
 
     #[test]
     fn our_runtime_document_and_grpc_endpoints_read_with_defaults_and_checks() {
