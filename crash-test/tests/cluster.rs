@@ -43,7 +43,18 @@ async fn instances_joining_and_leaving_keep_state_and_egress_exactly_once() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let c = start(2);
     names.produce(1000..2000, KEYS).await.unwrap();
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The third instance leaves once it has run partitions: its RocksDB appears when it
+    // restores them (a rebalance under the suite's load can take several seconds).
+    let c_dir = dirs[2].path().to_path_buf();
+    let joined = async {
+        while std::fs::read_dir(&c_dir).unwrap().next().is_none() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), joined)
+        .await
+        .expect("the third instance never got partitions");
+    tokio::time::sleep(Duration::from_secs(2)).await;
     c.0.cancel();
     let c_report = c.1.await.unwrap().unwrap();
     names.produce(2000..VALUES, KEYS).await.unwrap();
