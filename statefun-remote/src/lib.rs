@@ -423,12 +423,14 @@ impl RemoteFunction {
             } => (Some(u.clone()), self.url.to_string()),
             Endpoint::Grpc { .. } => (None, self.url.to_string()),
         };
-        let body = Bytes::from(request.encode_to_vec());
+        // HTTP sends these bytes on every attempt; gRPC encodes the request itself.
+        let body = url.as_ref().map(|_| Bytes::from(request.encode_to_vec()));
         let mut attempts = 0u32;
         loop {
             attempts += 1;
             let remaining = deadline.saturating_duration_since(Instant::now());
-            let attempt = self.attempt(&request, url.as_ref(), body.clone());
+            let target = url.as_ref().zip(body.clone());
+            let attempt = self.attempt(&request, target);
             let outcome = match tokio::time::timeout(remaining, attempt).await {
                 Ok(outcome) => outcome,
                 Err(_) => Err(Attempt::Retry(format!(
@@ -454,17 +456,17 @@ impl RemoteFunction {
         }
     }
 
+    /// One attempt: an HTTP POST of `http`'s body to its URL, or a gRPC call.
     async fn attempt(
         &self,
         request: &ToFunction,
-        url: Option<&reqwest::Url>,
-        body: Bytes,
+        http: Option<(&reqwest::Url, Bytes)>,
     ) -> Result<FromFunction, Attempt> {
         match &self.endpoint {
             Endpoint::Http {
                 client, connections, ..
             } => {
-                let url = url.expect("an HTTP call has a URL");
+                let (url, body) = http.expect("an HTTP call has a URL and a body");
                 let _connection = connections.acquire().await.expect("the semaphore is never closed");
                 self.attempt_http(client, url, body).await
             }
