@@ -300,6 +300,56 @@ async fn a_changelog_topic_with_another_partition_count_and_a_missing_egress_top
     assert!(e.contains(&missing) && e.contains("does not exist"), "{e}");
 }
 
+/// A runtime with `module` on a RocksDB + `config` changelog backend, two attempts per
+/// message, its dead letters collected; stopped by cancelling the token.
+struct Running {
+    h: statefun_runtime::RuntimeHandle,
+    dead: statefun_runtime::CollectingDeadLetters,
+    stop: CancellationToken,
+    run: tokio::task::JoinHandle<Result<statefun_runtime::RunReport, statefun_runtime::Error>>,
+    _dir: tempfile::TempDir,
+}
+
+async fn run_on_changelog(module: Module, config: KafkaChangelogConfig) -> Running {
+    let changelog = KafkaChangelog::connect(config).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let rocks = RocksDbBackend::open(dir.path(), Default::default()).unwrap();
+    let (backend, _) =
+        ChangelogBackend::open(rocks, Arc::new(changelog), PARTITIONS, Duration::from_millis(50)).unwrap();
+    let dead = statefun_runtime::CollectingDeadLetters::new();
+    let runtime = Runtime::builder()
+        .config(RuntimeConfig {
+            partitions: PARTITIONS,
+            retry: statefun_runtime::RetryConfig {
+                max_attempts: 2,
+                initial_backoff_ms: 1,
+                max_backoff_ms: 1,
+            },
+            ..Default::default()
+        })
+        .module(module)
+        .state_backend(backend)
+        .dead_letters(dead.clone())
+        .build()
+        .unwrap();
+    let h = runtime.handle();
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(runtime.run(stop.clone().cancelled_owned()));
+    Running {
+        h,
+        dead,
+        stop,
+        run,
+        _dir: dir,
+    }
+}
+
+/// `value` for `COUNTER` `id`, as a plain string message.
+fn str_message(id: &str, value: &str) -> (Address, TypedValue) {
+    let message = TypedValue::from_bytes(TypeName::from_static("test/str"), value.as_bytes().to_vec());
+    (Address::new(COUNTER, id).unwrap(), message)
+}
+
 /// A record egress: the function writes StateFun Kafka records (as a remote function
 /// does), each produced to the topic it names with its key and value, in the
 /// transaction; a record naming a topic the egress does not list is dead-lettered with
@@ -332,28 +382,16 @@ async fn statefun_kafka_records_go_to_the_topic_they_name_and_an_unlisted_topic_
         .unwrap();
     let config = KafkaChangelogConfig::new(bootstrap(), &t.changelog, PARTITIONS, &t.transactional_id)
         .record_egress(OUT, [t.output.clone()]);
-    let changelog = KafkaChangelog::connect(config).await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let rocks = RocksDbBackend::open(dir.path(), Default::default()).unwrap();
-    let (backend, _) =
-        ChangelogBackend::open(rocks, Arc::new(changelog), PARTITIONS, Duration::from_millis(50)).unwrap();
-    let dead = statefun_runtime::CollectingDeadLetters::new();
-    let runtime = Runtime::builder()
-        .config(RuntimeConfig {
-            partitions: PARTITIONS,
-            ..Default::default()
-        })
-        .module(module)
-        .state_backend(backend)
-        .dead_letters(dead.clone())
-        .build()
-        .unwrap();
-    let h = runtime.handle();
-    let stop = CancellationToken::new();
-    let run = tokio::spawn(runtime.run(stop.clone().cancelled_owned()));
+    let Running {
+        h,
+        dead,
+        stop,
+        run,
+        _dir,
+    } = run_on_changelog(module, config).await;
     for (id, value) in [("a", "one"), ("b", "bad"), ("c", "three"), ("d", "big")] {
-        let message = TypedValue::from_bytes(TypeName::from_static("test/str"), value.as_bytes().to_vec());
-        h.send(Address::new(COUNTER, id).unwrap(), message).await.unwrap();
+        let (to, message) = str_message(id, value);
+        h.send(to, message).await.unwrap();
     }
     let records = consume(&t.output, 2).await;
     h.wait_idle().await;
@@ -409,33 +447,16 @@ async fn an_oversized_state_value_parks_its_address_and_an_oversized_egress_reco
         })
         .build()
         .unwrap();
-    let changelog = KafkaChangelog::connect(t.changelog_config()).await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let rocks = RocksDbBackend::open(dir.path(), Default::default()).unwrap();
-    let (backend, _) =
-        ChangelogBackend::open(rocks, Arc::new(changelog), PARTITIONS, Duration::from_millis(50)).unwrap();
-    let dead = statefun_runtime::CollectingDeadLetters::new();
-    let runtime = Runtime::builder()
-        .config(RuntimeConfig {
-            partitions: PARTITIONS,
-            retry: statefun_runtime::RetryConfig {
-                max_attempts: 2,
-                initial_backoff_ms: 1,
-                max_backoff_ms: 1,
-            },
-            ..Default::default()
-        })
-        .module(module)
-        .state_backend(backend)
-        .dead_letters(dead.clone())
-        .build()
-        .unwrap();
-    let h = runtime.handle();
-    let stop = CancellationToken::new();
-    let run = tokio::spawn(runtime.run(stop.clone().cancelled_owned()));
+    let Running {
+        h,
+        dead,
+        stop,
+        run,
+        _dir,
+    } = run_on_changelog(module, t.changelog_config()).await;
     for (id, value) in [("a", "one"), ("s", "big-state"), ("e", "big-egress"), ("c", "two")] {
-        let message = TypedValue::from_bytes(TypeName::from_static("test/str"), value.as_bytes().to_vec());
-        h.send(Address::new(COUNTER, id).unwrap(), message).await.unwrap();
+        let (to, message) = str_message(id, value);
+        h.send(to, message).await.unwrap();
     }
     let records = consume(&t.output, 2).await;
     h.wait_idle().await;
@@ -484,41 +505,20 @@ async fn dead_letters_of_messages_commit_in_the_transaction() {
         .unwrap();
     let mut config = t.changelog_config();
     config.dead_letter_topic = Some(dlq.clone());
-    let changelog = KafkaChangelog::connect(config).await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let rocks = RocksDbBackend::open(dir.path(), Default::default()).unwrap();
-    let (backend, _) =
-        ChangelogBackend::open(rocks, Arc::new(changelog), PARTITIONS, Duration::from_millis(50)).unwrap();
-    let sink = statefun_runtime::CollectingDeadLetters::new();
-    let runtime = Runtime::builder()
-        .config(RuntimeConfig {
-            partitions: PARTITIONS,
-            retry: statefun_runtime::RetryConfig {
-                max_attempts: 2,
-                initial_backoff_ms: 1,
-                max_backoff_ms: 1,
-            },
-            ..Default::default()
-        })
-        .module(module)
-        .state_backend(backend)
-        .dead_letters(sink.clone())
-        .build()
-        .unwrap();
-    let h = runtime.handle();
-    let stop = CancellationToken::new();
-    let run = tokio::spawn(runtime.run(stop.clone().cancelled_owned()));
-    let send = |id: &str, v: &str| {
-        let message = TypedValue::from_bytes(TypeName::from_static("test/str"), v.as_bytes().to_vec());
-        (Address::new(COUNTER, id).unwrap(), message)
-    };
-    let (a, m) = send("x", "fail");
+    let Running {
+        h,
+        dead: sink,
+        stop,
+        run,
+        _dir,
+    } = run_on_changelog(module, config).await;
+    let (a, m) = str_message("x", "fail");
     h.send(a, m).await.unwrap();
     h.wait_idle().await;
-    let (a, m) = send("x", "again");
-    h.send(a, m).await.unwrap();
-    let (a, m) = send("y", "fine");
-    h.send(a, m).await.unwrap();
+    for (id, value) in [("x", "again"), ("y", "fine")] {
+        let (a, m) = str_message(id, value);
+        h.send(a, m).await.unwrap();
+    }
     h.wait_idle().await;
     let letters = consume(&dlq, 2).await;
     let ok = consume(&t.output, 1).await;
