@@ -512,6 +512,10 @@ impl Changelog for KafkaChangelog {
     }
 
     fn check_egress(&self, egress: &TypeName, message: &statefun_sdk::TypedValue) -> Result<(), String> {
+        if *egress == DEAD_LETTERS {
+            // Only the runtime writes dead letters there (not through this check).
+            return Err(format!("{DEAD_LETTERS} is reserved for the runtime's dead letters"));
+        }
         if self.config.record_egresses.contains_key(egress) {
             self.kafka_record(egress, message)?;
             return Ok(());
@@ -520,7 +524,7 @@ impl Changelog for KafkaChangelog {
     }
 
     fn check_value(&self, _name: &str, value: &[u8]) -> Result<(), String> {
-        self.fits("the value", value.len())
+        self.fits("it", value.len())
     }
 
     /// A transient failure before `commit_transaction` aborts the transaction: nothing

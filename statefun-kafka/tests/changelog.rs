@@ -423,10 +423,10 @@ async fn statefun_kafka_records_go_to_the_topic_they_name_and_an_unlisted_topic_
     );
 }
 
-/// What Kafka would refuse is refused before the commit: a state value larger than a
-/// changelog record may be fails its invocation (retried, then the address parked, its
-/// message dead-lettered), an oversized egress record is dead-lettered; the other
-/// addresses commit and the runtime keeps running.
+/// What Kafka would refuse is refused before the commit: a state value or a message
+/// larger than a changelog record may be fails its invocation (retried, then the address
+/// parked, its message dead-lettered), an oversized egress record is dead-lettered; the
+/// other addresses commit and the runtime keeps running.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversized_state_value_parks_its_address_and_an_oversized_egress_record_is_dead_lettered() {
     const BLOB: ValueSpec<String> = ValueSpec::named("blob");
@@ -438,6 +438,7 @@ async fn an_oversized_state_value_parks_its_address_and_an_oversized_egress_reco
             match what.as_str() {
                 "big-state" => ctx.storage().set(&BLOB, &big)?,
                 "big-egress" => ctx.send_egress(OUT, &big)?,
+                "big-message" => ctx.send(Address::new(COUNTER, "elsewhere")?, &big)?,
                 _ => {
                     ctx.storage().set(&BLOB, &what)?;
                     ctx.send_egress(OUT, &what)?;
@@ -454,7 +455,13 @@ async fn an_oversized_state_value_parks_its_address_and_an_oversized_egress_reco
         run,
         _dir,
     } = run_on_changelog(module, t.changelog_config()).await;
-    for (id, value) in [("a", "one"), ("s", "big-state"), ("e", "big-egress"), ("c", "two")] {
+    for (id, value) in [
+        ("a", "one"),
+        ("s", "big-state"),
+        ("e", "big-egress"),
+        ("m", "big-message"),
+        ("c", "two"),
+    ] {
         let (to, message) = str_message(id, value);
         h.send(to, message).await.unwrap();
     }
@@ -466,9 +473,18 @@ async fn an_oversized_state_value_parks_its_address_and_an_oversized_egress_reco
     let mut got: Vec<String> = records.iter().map(payload).collect();
     got.sort();
     assert_eq!(got.len(), 2);
-    assert_eq!(parked.len(), 1, "{parked:?}");
-    assert_eq!(parked[0].0.id(), "s");
-    assert!(parked[0].1.contains(r#"state "blob": the value is"#), "{}", parked[0].1);
+    let mut parked: Vec<(String, String)> = parked.into_iter().map(|(a, e)| (a.id().to_owned(), e)).collect();
+    parked.sort();
+    assert_eq!(parked.len(), 2, "{parked:?}");
+    assert_eq!(parked[0].0, "m");
+    assert!(
+        parked[0]
+            .1
+            .contains("message to changelog-test/counter/elsewhere: it is 1100"),
+        "{parked:?}"
+    );
+    assert_eq!(parked[1].0, "s");
+    assert!(parked[1].1.contains(r#"state "blob": it is 1100"#), "{parked:?}");
     let mut dead: Vec<(String, String)> = dead
         .letters()
         .iter()
@@ -478,16 +494,19 @@ async fn an_oversized_state_value_parks_its_address_and_an_oversized_egress_reco
         })
         .collect();
     dead.sort();
-    assert_eq!(dead.len(), 2, "{dead:?}");
+    assert_eq!(dead.len(), 3, "{dead:?}");
     assert!(dead[0].1.contains("the record is 1100"), "{dead:?}");
     assert!(dead[1].1.contains("message.max.bytes"), "{dead:?}");
+    assert!(dead[2].1.contains("message.max.bytes"), "{dead:?}");
 }
 
 /// With a dead-letter topic on the changelog, the dead letters of messages commit in
 /// the transaction (with the removal of the message they replace): a function that
 /// keeps failing is parked and its message's dead letter, then one for a message to the
-/// parked address, are on the topic for a read_committed consumer, each once, with
-/// their reason; none goes to the runtime's sink.
+/// parked address, one for an egress record too large for Kafka (its payload dropped
+/// from the letter) and one for a function writing to the reserved dead-letter egress,
+/// are on the topic for a read_committed consumer, each once, with their reason; none
+/// goes to the runtime's sink.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letters_of_messages_commit_in_the_transaction() {
     let t = Topics::new().await;
@@ -495,10 +514,14 @@ async fn dead_letters_of_messages_commit_in_the_transaction() {
     create_topics(&[&dlq], 1).await;
     let module = Module::builder()
         .with_fn(FunctionSpec::new(COUNTER), |ctx, msg| {
-            if msg.bytes().map(|b| b.as_ref()) == Some(&b"fail"[..]) {
-                return Err("this message always fails".into());
+            match msg.bytes().map(|b| b.as_ref()) {
+                Some(b"fail") => return Err("this message always fails".into()),
+                // Too large for Kafka: dead-lettered, its payload dropped from the letter.
+                Some(b"big-egress") => ctx.send_egress(OUT, &"x".repeat(1_100_000))?,
+                // Reserved for the runtime: refused and dead-lettered.
+                Some(b"forge") => ctx.send_egress(statefun_runtime::egress::DEAD_LETTERS, &"fake".to_string())?,
+                _ => ctx.send_egress(OUT, &"ok".to_string())?,
             }
-            ctx.send_egress(OUT, &"ok".to_string())?;
             Ok(())
         })
         .build()
@@ -515,29 +538,32 @@ async fn dead_letters_of_messages_commit_in_the_transaction() {
     let (a, m) = str_message("x", "fail");
     h.send(a, m).await.unwrap();
     h.wait_idle().await;
-    for (id, value) in [("x", "again"), ("y", "fine")] {
+    for (id, value) in [("x", "again"), ("y", "fine"), ("z", "big-egress"), ("f", "forge")] {
         let (a, m) = str_message(id, value);
         h.send(a, m).await.unwrap();
     }
     h.wait_idle().await;
-    let letters = consume(&dlq, 2).await;
+    let letters = consume(&dlq, 4).await;
     let ok = consume(&t.output, 1).await;
     stop.cancel();
     run.await.unwrap().unwrap();
     assert_eq!(ok.len(), 1);
-    assert_eq!(letters.len(), 2, "each dead letter once");
-    let reasons: Vec<String> = letters
-        .iter()
-        .map(|m| {
-            assert_eq!(m.key(), Some(&b"x"[..]));
-            header(m, "statefun-dead-letter-reason").unwrap()
-        })
-        .collect();
-    assert!(
-        reasons[0].contains("function failed 2 time(s)") && reasons[0].contains("always fails"),
-        "{reasons:?}"
-    );
-    assert!(reasons[1].contains("address is parked"), "{reasons:?}");
-    assert_eq!(letters[0].payload(), Some(&b"fail"[..]));
+    assert_eq!(letters.len(), 4, "each dead letter once");
+    let reason = |m: &rdkafka::message::OwnedMessage| header(m, "statefun-dead-letter-reason").unwrap();
+    let find = |text: &str| {
+        letters
+            .iter()
+            .find(|m| reason(m).contains(text))
+            .unwrap_or_else(|| panic!("no dead letter says {text:?}"))
+    };
+    let failed = find("function failed 2 time(s)");
+    assert!(reason(failed).contains("always fails"));
+    assert_eq!((failed.key(), failed.payload()), (Some(&b"x"[..]), Some(&b"fail"[..])));
+    // Accepted for a parked address: its letter commits with the progress past it.
+    assert_eq!(find("address is parked").key(), Some(&b"x"[..]));
+    let big = find("payload of");
+    assert!(reason(big).contains("bytes dropped: too large"), "{}", reason(big));
+    assert_eq!(big.payload(), None);
+    assert!(reason(find("reserved for the runtime")).contains("statefun-rs/dead-letters"));
     assert!(sink.letters().is_empty(), "nothing went to the sink");
 }

@@ -559,6 +559,8 @@ impl Partition {
         let mut wb = WriteBatch::default();
         let mut advanced: Vec<(Arc<str>, u64)> = Vec::new();
         let mut keep = Vec::with_capacity(taken.len());
+        // Records whose dead letter is in this write (backends that take dead letters).
+        let mut lettered = Vec::new();
         let mut skipped = 0;
         for mut env in taken {
             if let Some((source, offset)) = &env.position {
@@ -587,6 +589,11 @@ impl Partition {
                 };
                 wb.log.push(LogOp::put(receiver, key, entries::encode_envelope(&env)));
                 env.inbox = Some(key);
+            } else if let Some(op) = self.dead_letter_op(&self.undeliverable(&env)) {
+                // Its dead letter commits with the progress that passes the record.
+                wb.log.push(op);
+                lettered.push(env);
+                continue;
             }
             keep.push(env);
         }
@@ -603,12 +610,15 @@ impl Partition {
             && let Err(e) = self.store.write(wb)
         {
             self.deferred = deferred;
+            keep.extend(lettered);
             for env in &mut keep {
                 env.inbox = None;
             }
             return self.accept_failed(keep, e);
         }
         self.accept_failures = 0;
+        self.stats.dead_letters += lettered.len() as u64;
+        self.shared.finish(lettered.len());
         for (source, offset) in advanced {
             self.progress.insert(source, Some(offset));
         }
@@ -827,10 +837,41 @@ impl Partition {
             return None;
         }
         let source = letter.target.as_ref().or(letter.caller.as_ref())?.clone();
-        let message = TypedValue::of(&crate::egress::DeadLetterRecord::of(letter)).ok()?;
+        let mut record = crate::egress::DeadLetterRecord::of(letter);
+        let mut message = TypedValue::of(&record).ok()?;
+        let fits = |m: &TypedValue| {
+            let bytes = m.bytes().map_or(&[][..], |b| &b[..]);
+            self.shared.backend.check_value("dead letter", bytes).is_ok()
+        };
+        if !fits(&message) {
+            // Too large to commit (the message that made it a dead letter may be the
+            // reason): keep the reason and the type, drop the payload.
+            let dropped = record.message.take().map_or(0, |m| m.len());
+            record.reason = format!("{} (payload of {dropped} bytes dropped: too large)", record.reason);
+            message = TypedValue::of(&record).ok()?;
+            if !fits(&message) {
+                return None;
+            }
+        }
         let key = LogKey::Egress { seq: self.next_seq() };
         let value = entries::encode_egress(&DEAD_LETTERS, &source, &message, self.shared.run_id);
         Some(LogOp::put(self.id, key, value))
+    }
+
+    /// The dead letter of an accepted record that cannot be dispatched here: its target
+    /// is parked on this partition, or no function serves its type.
+    fn undeliverable(&self, env: &Envelope) -> DeadLetter {
+        let reason = match self.parked.get(&env.target) {
+            Some(error) => DeadLetterReason::AddressParked { error: error.clone() },
+            None => DeadLetterReason::UnknownFunctionType(env.target.type_name().clone()),
+        };
+        DeadLetter {
+            reason,
+            target: Some(env.target.clone()),
+            caller: env.caller.clone(),
+            message: Some(env.message.clone()),
+            record: None,
+        }
     }
 
     /// Accepts a message for an address this partition owns.
@@ -1013,17 +1054,33 @@ impl Partition {
         if notify {
             self.expiry_notices(&address, &mutations, &touched, &mut delayed);
         }
-        // A value the backend cannot store (e.g. larger than a Kafka changelog record
-        // may be) fails the invocation, not every later commit.
+        // A value or message the backend cannot store (e.g. larger than a Kafka
+        // changelog record may be) fails the invocation, not every later commit.
         if self.durable {
             let backend = &self.shared.backend;
-            let too_big = mutations.iter().find_map(|m| {
-                let v = m.value.as_ref()?;
+            let check = |what: &dyn Fn() -> String, name: &str, bytes: Option<&Bytes>| {
+                let bytes = bytes.map_or(&[][..], |b| &b[..]);
                 backend
-                    .check_value(&m.name, v)
+                    .check_value(name, bytes)
                     .err()
-                    .map(|e| format!("state {:?}: {e}", m.name))
-            });
+                    .map(|e| format!("{}: {e}", what()))
+            };
+            let too_big = mutations
+                .iter()
+                .find_map(|m| check(&|| format!("state {:?}", m.name), &m.name, m.value.as_ref()))
+                .or_else(|| {
+                    outgoing
+                        .iter()
+                        .find_map(|o| check(&|| format!("message to {}", o.target), "", o.message.bytes()))
+                })
+                .or_else(|| {
+                    delayed.iter().find_map(|d| match d {
+                        DelayedEffect::Send { target, message, .. } => {
+                            check(&|| format!("delayed message to {target}"), "", message.bytes())
+                        }
+                        DelayedEffect::Cancel { .. } => None,
+                    })
+                });
             if let Some(error) = too_big {
                 return self.on_failure(address, batch, Failure { index: 0, error });
             }

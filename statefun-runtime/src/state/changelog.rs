@@ -392,6 +392,9 @@ impl StateBackend for ChangelogBackend {
             self.inner.committing_bytes.fetch_add(sealed, Ordering::Relaxed);
             if o.committing.is_empty() {
                 if current.is_empty() {
+                    // What was staged cancelled out (entries put and deleted within
+                    // the interval): nothing is pending.
+                    self.inner.committing_bytes.store(0, Ordering::Relaxed);
                     return Ok(());
                 }
                 o.committing = Arc::new(current);
