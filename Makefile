@@ -7,7 +7,7 @@
 CARGO_TARGET_DIR ?= $(HOME)/.cache/statefun-rs/target
 export CARGO_TARGET_DIR
 
-.PHONY: demo test bench bench-kafka soak broker-check setup fmt
+.PHONY: demo test bench bench-kafka soak broker-check setup fmt prune
 
 ## Run the retail reference application in-process (embedded default) and check its invariants.
 demo: setup
@@ -37,6 +37,10 @@ soak: setup
 ## STATEFUN_KAFKA_BOOTSTRAP=host:port runs them against another broker.
 broker-check: setup
 	scripts/broker-check
+
+## Free disk in the target directory: incremental caches and executables unused for MINUTES (60).
+prune:
+	scripts/prune-target
 
 setup:
 	scripts/setup.sh
