@@ -130,16 +130,13 @@ pub fn plan(spec: &ModuleSpec, overrides: &Overrides) -> anyhow::Result<Plan> {
         }
         start = Some(position);
         for (i, topic) in ingress.topics.iter().enumerate() {
-            let [target] = topic.targets.as_slice() else {
-                bail!(
-                    "ingress {id}: spec.topics[{i}].targets: {} targets; statefun-rs routes a topic to one function type",
-                    topic.targets.len()
-                );
-            };
-            if functions.get(target).is_none() {
+            if let Some(target) = topic.targets.iter().find(|t| functions.get(t).is_none()) {
                 bail!("ingress {id}: spec.topics[{i}].targets: no endpoint serves function type {target}");
             }
-            cluster = cluster.ingress(&topic.topic, KeyRouter::new(target.clone(), topic.value_type.clone()));
+            // Every target gets each record (one acceptance, one message per target).
+            let router = KeyRouter::to_all(topic.targets.clone(), topic.value_type.clone())
+                .with_context(|| format!("ingress {id}: spec.topics[{i}].targets: no target"))?;
+            cluster = cluster.ingress(&topic.topic, router);
         }
     }
     cluster.start = start.unwrap_or_default();
@@ -264,9 +261,9 @@ spec:
             (
                 format!("{BASE}{egress_topics}").replace(
                     "targets: [com.example/greeter]",
-                    "targets: [com.example/greeter, com.example/other]",
+                    "targets: [com.example/greeter, elsewhere/other]",
                 ),
-                "ingress com.example/names: spec.topics[0].targets: 2 targets",
+                "ingress com.example/names: spec.topics[0].targets: no endpoint serves function type elsewhere/other",
             ),
             (
                 format!("{BASE}{egress_topics}")

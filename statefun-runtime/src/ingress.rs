@@ -65,6 +65,10 @@ pub struct Routed {
     /// The sending function, for a message between functions that travelled through a
     /// topic ([`MessageRouter`]); `None` for records from the outside.
     pub caller: Option<Address>,
+    /// More receivers of the same message (StateFun's ingress topics with several
+    /// targets). The record is accepted once: one message per receiver, all in the same
+    /// write as the progress past the record, so a crash delivers to all or to none.
+    pub also: Vec<Address>,
 }
 
 impl Routed {
@@ -74,7 +78,16 @@ impl Routed {
             target,
             message,
             caller: None,
+            also: Vec::new(),
         }
+    }
+
+    /// `message` for every address of `targets` (at least one).
+    pub fn to_all(targets: Vec<Address>, message: TypedValue) -> Option<Routed> {
+        let mut targets = targets.into_iter();
+        let mut routed = Routed::new(targets.next()?, message);
+        routed.also = targets.collect();
+        Some(routed)
     }
 }
 
@@ -88,6 +101,7 @@ pub fn decode_message(bytes: &[u8]) -> Result<Routed, RouteError> {
         target: env.target,
         message: env.message,
         caller: env.caller,
+        also: Vec::new(),
     })
 }
 
@@ -131,13 +145,30 @@ where
 #[derive(Debug, Clone)]
 pub struct KeyRouter {
     target: TypeName,
+    /// More function types that get every record too.
+    also: Vec<TypeName>,
     value_type: TypeName,
 }
 
 impl KeyRouter {
     /// Routes to functions of type `target`; values are typed `value_type`.
     pub fn new(target: TypeName, value_type: TypeName) -> KeyRouter {
-        KeyRouter { target, value_type }
+        KeyRouter {
+            target,
+            also: Vec::new(),
+            value_type,
+        }
+    }
+
+    /// Routes each record to the function of every type in `targets` with the same id
+    /// (StateFun's ingress topic with several targets); `None` when `targets` is empty.
+    pub fn to_all(targets: Vec<TypeName>, value_type: TypeName) -> Option<KeyRouter> {
+        let mut targets = targets.into_iter();
+        Some(KeyRouter {
+            target: targets.next()?,
+            also: targets.collect(),
+            value_type,
+        })
     }
 }
 
@@ -153,10 +184,13 @@ impl Router for KeyRouter {
             .value
             .clone()
             .ok_or_else(|| RouteError("record has no value".into()))?;
-        Ok(Routed::new(
-            target,
-            TypedValue::from_bytes(self.value_type.clone(), value),
-        ))
+        let mut routed = Routed::new(target, TypedValue::from_bytes(self.value_type.clone(), value));
+        for t in &self.also {
+            routed
+                .also
+                .push(Address::new(t.clone(), id).map_err(|e| RouteError(e.to_string()))?);
+        }
+        Ok(routed)
     }
 }
 
@@ -294,13 +328,40 @@ impl IngressSink {
             .position
             .as_ref()
             .map(|p| self.shared.source_acceptor(p.partition));
-        let env = Envelope {
+        let mut env = Envelope {
             target: routed.target,
             caller: routed.caller,
             message: routed.message,
             inbox: None,
             position,
+            also: routed.also,
         };
+        // A receiver of an unknown type is dead-lettered; the record goes on to the
+        // others (the next one takes the record's place).
+        while let Some(i) = env
+            .also
+            .iter()
+            .position(|t| self.shared.module.get(t.type_name()).is_none())
+        {
+            let unknown = env.also.remove(i);
+            self.shared.dead_letter(DeadLetter {
+                reason: DeadLetterReason::UnknownFunctionType(unknown.type_name().clone()),
+                target: Some(unknown),
+                caller: None,
+                message: Some(env.message.clone()),
+                record: Some(record.clone()),
+            });
+        }
+        if self.shared.module.get(env.target.type_name()).is_none() && !env.also.is_empty() {
+            self.shared.dead_letter(DeadLetter {
+                reason: DeadLetterReason::UnknownFunctionType(env.target.type_name().clone()),
+                target: Some(env.target.clone()),
+                caller: None,
+                message: Some(env.message.clone()),
+                record: Some(record.clone()),
+            });
+            env.target = env.also.remove(0);
+        }
         match self.shared.submit(env, acceptor).await {
             Ok(q) => Ok(Some(q)),
             Err(SubmitError::UnknownFunctionType(env)) => {

@@ -252,6 +252,22 @@ struct FunctionFlags {
     notify: bool,
 }
 
+/// The messages for a record's other receivers ([`Envelope::also`]), taken out of
+/// `env`: copies addressed to each, without the record's position.
+fn fan_out(env: &mut Envelope) -> Vec<Envelope> {
+    std::mem::take(&mut env.also)
+        .into_iter()
+        .map(|target| Envelope {
+            target,
+            caller: env.caller.clone(),
+            message: env.message.clone(),
+            inbox: None,
+            position: None,
+            also: Vec::new(),
+        })
+        .collect()
+}
+
 /// True for the timer message that triggers an expiry check (see `Partition::start`).
 fn is_expiry_trigger(address: &Address, env: &Envelope) -> bool {
     statefun_sdk::Expired::is_notice(&env.message) && env.caller.as_ref() == Some(address)
@@ -519,10 +535,15 @@ impl Partition {
 
     /// Takes an ingress message: dispatched at once with a volatile backend; in durable
     /// mode collected and written to the inbox by `flush_accepting`.
-    fn accept(&mut self, env: Envelope) {
+    fn accept(&mut self, mut env: Envelope) {
         if self.durable {
+            // Fanned out by `flush_accepting`, in the write that accepts the record.
             self.accepting.push(env);
         } else {
+            for extra in fan_out(&mut env) {
+                self.shared.begin(1);
+                self.route(extra);
+            }
             self.enqueue(env);
         }
     }
@@ -562,7 +583,8 @@ impl Partition {
         // Records whose dead letter is in this write (backends that take dead letters).
         let mut lettered = Vec::new();
         let mut skipped = 0;
-        for mut env in taken {
+        let mut work: VecDeque<Envelope> = taken.into();
+        while let Some(mut env) = work.pop_front() {
             if let Some((source, offset)) = &env.position {
                 let stored = match advanced.iter().rev().find(|(s, _)| s == source) {
                     Some((_, o)) => Some(*o),
@@ -575,6 +597,13 @@ impl Partition {
                     continue;
                 }
                 advanced.push((Arc::clone(source), *offset));
+            }
+            // A record for several receivers: one message each, in this same write (they
+            // carry no position: the record's progress is the one above).
+            let extras = fan_out(&mut env);
+            self.shared.begin(extras.len());
+            for extra in extras.into_iter().rev() {
+                work.push_front(extra);
             }
             // In cluster mode the accepting partition may not be the target's: the
             // message then goes into the target partition's inbox (or, if that runs
@@ -1151,6 +1180,7 @@ impl Partition {
                 message: o.message,
                 inbox: None,
                 position: None,
+                also: Vec::new(),
             })
             .collect();
         // Refused records' dead letters commit with this write when the backend takes
@@ -1209,6 +1239,7 @@ impl Partition {
                         message,
                         inbox: None,
                         position: None,
+                        also: Vec::new(),
                     };
                     let key = timer_keys.next().flatten();
                     self.timers
@@ -1343,6 +1374,7 @@ impl Partition {
                             message: message.clone(),
                             inbox: None,
                             position: None,
+                            also: Vec::new(),
                         };
                         wb.log.push(LogOp::put(
                             self.id,

@@ -45,6 +45,10 @@ pub(crate) struct Envelope {
     /// Source and offset of an ingress record (`"topic/partition"`, offset): the
     /// partition skips records at or below the progress it has stored for the source.
     pub(crate) position: Option<(Arc<str>, u64)>,
+    /// More receivers of the same ingress record ([`Routed::also`](crate::Routed)): the
+    /// accepting partition makes one message per receiver, all in the write that
+    /// accepts the record. Empty for everything else.
+    pub(crate) also: Vec<Address>,
 }
 
 pub(crate) struct PartitionSender {
@@ -721,6 +725,7 @@ impl RuntimeHandle {
             message,
             inbox: None,
             position: None,
+            also: Vec::new(),
         };
         match self.shared.submit(env, None).await {
             Ok(_) => Ok(()),

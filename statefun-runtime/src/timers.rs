@@ -149,6 +149,7 @@ mod tests {
             message: TypedValue::of(&n).unwrap(),
             inbox: None,
             position: None,
+            also: Vec::new(),
         }
     }
 

@@ -136,6 +136,7 @@ fn from_envelope(what: &str, e: WireEnvelope) -> Result<Envelope, String> {
         message: from_value(what, e.message)?,
         inbox: None,
         position: None,
+        also: Vec::new(),
     })
 }
 
@@ -216,6 +217,7 @@ mod tests {
             message,
             inbox: None,
             position: None,
+            also: Vec::new(),
         })
     }
 
