@@ -163,6 +163,8 @@ pub struct KafkaChangelog {
     producer: BaseProducer<Reports>,
     /// Cluster mode: the group membership that fences this instance's transactions.
     group: Mutex<Option<GroupLink>>,
+    /// The producer's `message.max.bytes` (configured, else librdkafka's default).
+    max_record_bytes: usize,
 }
 
 /// What a cluster-mode commit sends with `send_offsets_to_transaction`.
@@ -259,10 +261,15 @@ impl KafkaChangelog {
                 state: Mutex::default(),
             })
             .map_err(kafka("cannot create the transactional producer"))?;
+        let max_record_bytes = cc
+            .get("message.max.bytes")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1_000_000);
         let changelog = KafkaChangelog {
             config,
             producer,
             group: Mutex::new(None),
+            max_record_bytes,
         };
         changelog.check_topics()?;
         changelog
@@ -394,24 +401,13 @@ impl KafkaChangelog {
     /// written (with room for the record's key, framing and headers).
     fn fits(&self, what: &str, bytes: usize) -> Result<(), String> {
         const ROOM: usize = 1024;
-        let max = self.max_record_bytes();
+        let max = self.max_record_bytes;
         if bytes + ROOM > max {
             return Err(format!(
                 "{what} is {bytes} bytes, more than the producer's message.max.bytes ({max}) allows"
             ));
         }
         Ok(())
-    }
-
-    /// librdkafka's `message.max.bytes`: the configured value, else its default.
-    fn max_record_bytes(&self) -> usize {
-        self.config
-            .properties
-            .iter()
-            .rev()
-            .find(|(k, _)| k == "message.max.bytes")
-            .and_then(|(_, v)| v.parse().ok())
-            .unwrap_or(1_000_000)
     }
 
     fn produce(&self, unit: &CommitUnit) -> Result<(), StateError> {

@@ -502,20 +502,16 @@ fn grpc(s: GrpcSpec) -> Result<GrpcEndpoint, String> {
     if !s.url.starts_with("http://") {
         return Err(format!("spec.url: {:?} is not an http:// URL", s.url));
     }
-    let endpoint = GrpcEndpoint {
-        functions: functions_pattern(&s.functions)?,
-        url: s.url,
-        call_timeout: s.call.map_or(Duration::from_secs(120), |d| d.0),
-        connect_timeout: s.connect.map_or(Duration::from_secs(20), |d| d.0),
-    };
-    let endpoint = GrpcEndpoint {
-        connect_timeout: endpoint.connect_timeout.min(endpoint.call_timeout),
-        ..endpoint
-    };
-    if endpoint.call_timeout.is_zero() {
+    let call_timeout = s.call.map_or(Duration::from_secs(120), |d| d.0);
+    if call_timeout.is_zero() {
         return Err("spec.call: the call timeout must be above 0".into());
     }
-    Ok(endpoint)
+    Ok(GrpcEndpoint {
+        functions: functions_pattern(&s.functions)?,
+        url: s.url,
+        call_timeout,
+        connect_timeout: s.connect.map_or(Duration::from_secs(20), |d| d.0).min(call_timeout),
+    })
 }
 
 fn runtime(s: RuntimeDoc) -> Result<RuntimeSpec, String> {

@@ -1511,6 +1511,10 @@ impl Partition {
 
     /// Keeps `backlogged` in step with `address`'s queue after messages left it.
     fn note_backlog(&mut self, address: &Address) {
+        // The common case, on every batch: nothing is backlogged, no lookups.
+        if self.backlogged.is_empty() {
+            return;
+        }
         let queued = self.mailboxes.get(address).map_or(0, |mb| mb.queue.len());
         if queued < self.shared.config.max_queued_per_address {
             self.backlogged.remove(address);
