@@ -69,7 +69,19 @@ async fn instances_joining_and_leaving_keep_state_and_egress_exactly_once() {
     let b_report = b.1.await.unwrap().unwrap();
     check_exactly_once(&records, VALUES, KEYS).unwrap();
     assert_eq!(repeated, 0, "an egress id appears twice");
-    // The third instance ran partitions, and the first two re-formed around it twice.
+    // The third instance ran partitions, and the first two re-formed around it twice,
+    // each time keeping some of their partitions (which paused while the runtime
+    // restarted over the new set).
+    eprintln!(
+        "pauses of the kept partitions at each rebalance: first instance {:?}, second {:?}",
+        a_report.pauses, b_report.pauses
+    );
+    assert!(
+        a_report.pauses.len() + b_report.pauses.len() >= 2,
+        "the first two instances did not keep partitions across both rebalances: pauses {:?} and {:?}",
+        a_report.pauses,
+        b_report.pauses
+    );
     assert!(c_report.generations >= 1, "the third instance never ran a partition");
     assert!(
         a_report.generations + b_report.generations >= 4,

@@ -29,7 +29,8 @@
 //!   `instance_id` (transactional id) also fences its previous process.
 //!
 //! A rebalance restarts the instance's runtime over its new partition set: partitions it
-//! keeps continue from local RocksDB with an empty changelog tail. Kafka Streams moves
+//! keeps continue from local RocksDB with an empty changelog tail, after a pause that
+//! [`ClusterReport::pauses`] records. Only instances whose set changes restart. Kafka Streams moves
 //! single tasks instead; doing the same here (starting and stopping partition tasks in a
 //! running runtime) is future work. See `docs/kafka.md`, "Cluster mode".
 //!
@@ -272,6 +273,12 @@ pub struct ClusterReport {
     pub generations: u64,
     /// The report of each runtime run, in order.
     pub runs: Vec<RunReport>,
+    /// For each change of the partition set that kept some of this instance's
+    /// partitions, how long they did not run: from the change (an assignment or a
+    /// revocation) until the runtime over the new set started, which covers stopping
+    /// the runtime, the final commit, reading the group's offsets and restoring the new
+    /// partitions. The cost of restarting the runtime at a rebalance (module docs).
+    pub pauses: Vec<Duration>,
 }
 
 enum Event {
@@ -456,6 +463,9 @@ async fn drive(
     let mut owned: BTreeSet<PartitionId> = BTreeSet::new();
     let mut report = ClusterReport::default();
     let mut pending_acks: Vec<std_mpsc::SyncSender<()>> = Vec::new();
+    // The partitions of the last runtime, and when a change stopped it.
+    let mut last_run: BTreeSet<PartitionId> = BTreeSet::new();
+    let mut stopped_at: Option<std::time::Instant> = None;
     loop {
         // Apply every change that is already queued, then release revoked partitions
         // (the runtime that held them has stopped and committed).
@@ -520,6 +530,12 @@ async fn drive(
             Err(e) => return Err(e),
         };
         report.generations += 1;
+        if let Some(at) = stopped_at.take()
+            && parts.iter().any(|p| last_run.contains(p))
+        {
+            report.pauses.push(at.elapsed());
+        }
+        last_run = owned.clone();
         tracing::info!(instance = %config.instance_id, partitions = ?parts, "running partitions");
         let stop = CancellationToken::new();
         let run = tokio::spawn(runtime.run(stop.clone().cancelled_owned()));
@@ -528,6 +544,7 @@ async fn drive(
             _ = shutdown.cancelled() => None,
             e = events.recv() => match e {
                 Some(e) => {
+                    stopped_at = Some(std::time::Instant::now());
                     apply(&mut owned, e, &mut pending_acks);
                     None
                 }
