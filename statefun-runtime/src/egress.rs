@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use crate::ingress::IngressRecord;
 
 /// A record a function wrote to an egress.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EgressRecord {
     /// The egress id.
     pub egress: TypeName,

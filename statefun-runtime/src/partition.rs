@@ -1394,7 +1394,20 @@ impl Partition {
         if !egress.is_empty() {
             let mut keys = Vec::with_capacity(egress.len());
             for e in egress {
-                if self.shared.egresses.contains_key(&e.egress) || self.shared.backend.takes_egress(&e.egress) {
+                if self.shared.backend.takes_egress(&e.egress) {
+                    // Committed by the backend with this write: no log entry to encode.
+                    wb.egress.push(EgressRecord {
+                        egress: e.egress.clone(),
+                        source: address.clone(),
+                        message: e.message.clone(),
+                        id: Some(EgressId {
+                            run: self.shared.run_id,
+                            partition: self.id,
+                            seq: self.next_seq(),
+                        }),
+                    });
+                    keys.push(None);
+                } else if self.shared.egresses.contains_key(&e.egress) {
                     let key = LogKey::Egress { seq: self.next_seq() };
                     wb.log.push(LogOp::put(
                         self.id,

@@ -262,6 +262,7 @@ fn survives_reopen(subject: &mut dyn Subject) {
             ],
             progress: vec![("src".into(), 9)],
             log: vec![log_put(2, LogKey::Timer { due_ms: 7, seq: 1 }, b"timer")],
+            egress: vec![],
         })
         .unwrap();
     }
@@ -285,6 +286,31 @@ fn survives_reopen(subject: &mut dyn Subject) {
     assert_eq!((v.value.as_ref(), v.expires_at_ms), (&b"kept"[..], Some(5)));
     assert_eq!(value(&*s, &a, "gone"), None);
     assert_eq!(s.progress("src").unwrap(), Some(9));
+}
+
+/// A write carrying egress records for an egress id the backend does not take (none of
+/// the subjects here takes any) is refused as a whole: the state change in the same
+/// batch is not applied.
+fn egress_records_are_refused_unless_the_backend_takes_them(subject: &mut dyn Subject) {
+    let b = subject.backend();
+    let out = TypeName::parse("t/out").unwrap();
+    assert!(!b.takes_egress(&out));
+    let a = addr("t/f", "a");
+    let mut s = b.open_partition(PartitionId(0)).unwrap();
+    let err = s
+        .write(WriteBatch {
+            ops: vec![put(&a, "x", b"must not be applied", None)],
+            egress: vec![statefun_runtime::EgressRecord {
+                egress: out,
+                source: a.clone(),
+                message: statefun_sdk::TypedValue::from_bytes(TypeName::parse("t/bytes").unwrap(), &b"r"[..]),
+                id: None,
+            }],
+            ..Default::default()
+        })
+        .unwrap_err();
+    assert!(err.to_string().contains("egress t/out"), "{err}");
+    assert_eq!(value(&*s, &a, "x"), None);
 }
 
 fn log_put(p: u32, key: LogKey, v: &'static [u8]) -> LogOp {
@@ -326,6 +352,7 @@ fn logs_are_per_partition_and_kind_in_key_order(subject: &mut dyn Subject) {
             log_put(0, LogKey::Timer { due_ms: 10, seq: 5 }, b"t10"),
             log_put(0, LogKey::Egress { seq: 6 }, b"e6"),
         ],
+        egress: vec![],
     })
     .unwrap();
     let keys = |s: &dyn PartitionStore, k| s.log(k).unwrap().into_iter().map(|(k, _)| k).collect::<Vec<_>>();
@@ -422,6 +449,10 @@ macro_rules! conformance {
             #[test]
             fn logs_are_per_partition_and_kind_in_key_order() {
                 super::logs_are_per_partition_and_kind_in_key_order(&mut $make);
+            }
+            #[test]
+            fn egress_records_are_refused_unless_the_backend_takes_them() {
+                super::egress_records_are_refused_unless_the_backend_takes_them(&mut $make);
             }
             #[test]
             fn survives_reopen_if_durable() {

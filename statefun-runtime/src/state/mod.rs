@@ -112,12 +112,29 @@ pub struct WriteBatch {
     pub progress: Vec<(String, u64)>,
     /// Log entries put or deleted, applied in order.
     pub log: Vec<LogOp>,
+    /// Egress records the backend commits with this write, each with its id: only for
+    /// egress ids the backend [takes](StateBackend::takes_egress) (a changelog backend,
+    /// which produces them in its commit; they need no egress log entry). A backend
+    /// that takes no egress refuses a write that carries some.
+    pub egress: Vec<crate::egress::EgressRecord>,
 }
 
 impl WriteBatch {
     /// True when there is nothing to write.
     pub fn is_empty(&self) -> bool {
-        self.ops.is_empty() && self.progress.is_empty() && self.log.is_empty()
+        self.ops.is_empty() && self.progress.is_empty() && self.log.is_empty() && self.egress.is_empty()
+    }
+
+    /// The error of a backend that takes no egress, given a write that carries egress
+    /// records.
+    pub(crate) fn refuse_egress(&self) -> Result<(), Error> {
+        match self.egress.first() {
+            None => Ok(()),
+            Some(r) => Err(Error::Permanent(format!(
+                "a write carries records of egress {}, which this state backend does not take",
+                r.egress
+            ))),
+        }
     }
 }
 
@@ -318,6 +335,7 @@ impl PartitionStore for MemoryStore {
     }
 
     fn write(&mut self, batch: WriteBatch) -> Result<(), Error> {
+        batch.refuse_egress()?;
         for op in batch.ops {
             match op.value {
                 Some(v) => {
