@@ -321,10 +321,15 @@ fn record_of(
     m: &rdkafka::message::BorrowedMessage<'_>,
     topics: &mut std::collections::HashMap<String, Arc<str>>,
 ) -> IngressRecord {
-    let topic = topics
-        .entry(m.topic().to_owned())
-        .or_insert_with(|| Arc::from(m.topic()))
-        .clone();
+    let name = m.topic();
+    let topic = match topics.get(name) {
+        Some(t) => Arc::clone(t),
+        None => {
+            let t: Arc<str> = Arc::from(name);
+            topics.insert(name.to_owned(), Arc::clone(&t));
+            t
+        }
+    };
     let headers = m
         .headers()
         .map(|hs| {

@@ -219,8 +219,13 @@ pub struct IngressSink {
     name: Arc<str>,
     router: Arc<dyn Router>,
     shared: Arc<Shared>,
-    delivered: Arc<std::sync::Mutex<std::collections::HashMap<String, Delivered>>>,
+    delivered: Arc<std::sync::Mutex<std::collections::HashMap<Arc<str>, Delivered>>>,
+    /// The progress name of each source partition seen ([`source_name`]), made once.
+    names: Arc<std::sync::Mutex<SourceNames>>,
 }
+
+/// The progress name of each (topic, source partition).
+type SourceNames = std::collections::HashMap<(Arc<str>, i32), Arc<str>>;
 
 /// What this run delivered from one source partition.
 #[derive(Debug, Default)]
@@ -244,7 +249,19 @@ impl IngressSink {
             router,
             shared,
             delivered: Default::default(),
+            names: Default::default(),
         }
+    }
+
+    /// The progress name of `topic`/`partition`, from the cache.
+    fn name_of(&self, topic: &Arc<str>, partition: i32) -> Arc<str> {
+        let mut names = self.names.lock().expect("names lock");
+        if let Some(name) = names.get(&(Arc::clone(topic), partition)) {
+            return Arc::clone(name);
+        }
+        let name: Arc<str> = Arc::from(source_name(topic, partition));
+        names.insert((Arc::clone(topic), partition), Arc::clone(&name));
+        name
     }
 
     /// Routes `record` and waits until its partition has room for it. Records that
@@ -253,9 +270,9 @@ impl IngressSink {
     pub async fn deliver(&self, record: IngressRecord) -> Result<(), Closed> {
         let source = record.position.as_ref().and_then(|p| {
             let offset = u64::try_from(p.offset).ok()?;
-            Some((source_name(&p.topic, p.partition), offset))
+            Some((self.name_of(&p.topic, p.partition), offset))
         });
-        let result = self.route_and_submit(record).await;
+        let result = self.route_and_submit(record, source.clone()).await;
         if let (Ok(sent_to), Some((name, offset))) = (&result, source) {
             let mut d = self.delivered.lock().expect("delivered lock");
             let e = d.entry(name).or_default();
@@ -280,7 +297,7 @@ impl IngressSink {
         let name = source_name(topic, partition);
         let (max, sent) = {
             let d = self.delivered.lock().expect("delivered lock");
-            match d.get(&name) {
+            match d.get(name.as_str()) {
                 None => return Ok(None),
                 Some(e) => (e.max, e.sent.clone()),
             }
@@ -303,7 +320,12 @@ impl IngressSink {
         Ok(i64::try_from(upto).ok())
     }
 
-    async fn route_and_submit(&self, record: IngressRecord) -> Result<Option<crate::PartitionId>, Closed> {
+    /// `position`: the record's progress name and offset, if it has a position.
+    async fn route_and_submit(
+        &self,
+        record: IngressRecord,
+        position: Option<(Arc<str>, u64)>,
+    ) -> Result<Option<crate::PartitionId>, Closed> {
         let routed = match self.router.route(&record) {
             Ok(r) => r,
             Err(e) => {
@@ -320,10 +342,6 @@ impl IngressSink {
                 return Ok(None);
             }
         };
-        let position = record.position.as_ref().and_then(|p| {
-            let offset = u64::try_from(p.offset).ok()?;
-            Some((Arc::from(source_name(&p.topic, p.partition)), offset))
-        });
         let acceptor = record
             .position
             .as_ref()
