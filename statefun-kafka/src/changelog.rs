@@ -165,6 +165,10 @@ pub struct KafkaChangelog {
     group: Mutex<Option<GroupLink>>,
     /// The producer's `message.max.bytes` (configured, else librdkafka's default).
     max_record_bytes: usize,
+    /// The reader of restores, kept between them: a cluster instance restores at every
+    /// change of its partitions, and creating and destroying its two clients cost about
+    /// 100 ms each time. Dropped after a failed restore.
+    reader: Mutex<Option<PartitionReader>>,
 }
 
 /// What a cluster-mode commit sends with `send_offsets_to_transaction`.
@@ -270,6 +274,7 @@ impl KafkaChangelog {
             producer,
             group: Mutex::new(None),
             max_record_bytes,
+            reader: Mutex::new(None),
         };
         changelog.check_topics()?;
         changelog
@@ -331,6 +336,17 @@ impl KafkaChangelog {
     /// has ended before it restores the partitions.
     pub(crate) fn link_group(&self, link: Option<GroupLink>) {
         *self.group.lock().expect("group lock") = link;
+    }
+
+    /// The internal-topic offsets the linked group's next commit sends, per partition:
+    /// the offsets of partitions an instance keeps through a rebalance.
+    pub(crate) fn linked_offsets(&self) -> HashMap<PartitionId, i64> {
+        self.group
+            .lock()
+            .expect("group lock")
+            .as_ref()
+            .map(|l| l.next.clone())
+            .unwrap_or_default()
     }
 
     /// The internal-topic offsets to commit with `unit`, per owned partition.
@@ -568,13 +584,34 @@ impl Changelog for KafkaChangelog {
         after: Option<i64>,
         apply: &mut dyn FnMut(Vec<RawOp>, i64) -> Result<(), StateError>,
     ) -> Result<(), StateError> {
+        let mut cached = self.reader.lock().expect("reader lock");
+        let reader = match cached.as_mut() {
+            Some(r) => r,
+            None => cached.insert(PartitionReader::new(
+                &self.config.bootstrap_servers,
+                format!("{}-restore", self.config.transactional_id),
+                &self.config.topic,
+                self.config.timeout,
+            )?),
+        };
+        let result = self.restore_with(reader, partition, after, apply);
+        if result.is_err() {
+            *cached = None;
+        }
+        result
+    }
+}
+
+impl KafkaChangelog {
+    /// [`Changelog::restore`] with `reader`.
+    fn restore_with(
+        &self,
+        reader: &mut PartitionReader,
+        partition: PartitionId,
+        after: Option<i64>,
+        apply: &mut dyn FnMut(Vec<RawOp>, i64) -> Result<(), StateError>,
+    ) -> Result<(), StateError> {
         const CHUNK: usize = 4096;
-        let reader = PartitionReader::new(
-            &self.config.bootstrap_servers,
-            format!("{}-restore", self.config.transactional_id),
-            &self.config.topic,
-            self.config.timeout,
-        )?;
         let p = partition.0 as i32;
         let high = reader.end(p)?;
         let start = after.map_or(0, |a| a + 1);
@@ -625,29 +662,33 @@ fn client(bootstrap_servers: &str, group: &str, isolation: &str) -> Result<BaseC
 pub(crate) type OnRecord<'a> = dyn FnMut(&[u8], Option<&[u8]>, i64) -> Result<(), StateError> + 'a;
 
 /// Reads the partitions of a changelog topic, committed records only.
-pub(crate) struct PartitionReader<'a> {
-    bootstrap_servers: &'a str,
+pub(crate) struct PartitionReader {
+    bootstrap_servers: String,
     group: String,
-    topic: &'a str,
+    topic: String,
     timeout: Duration,
     /// Asks for ends and metadata (read_uncommitted: see [`PartitionReader::end`]).
     meta: BaseConsumer,
+    /// Reads the records (read_committed); made at the first read that has any, then
+    /// assigned one partition at a time.
+    data: Option<BaseConsumer>,
 }
 
-impl<'a> PartitionReader<'a> {
+impl PartitionReader {
     pub(crate) fn new(
-        bootstrap_servers: &'a str,
+        bootstrap_servers: &str,
         group: String,
-        topic: &'a str,
+        topic: &str,
         timeout: Duration,
-    ) -> Result<PartitionReader<'a>, StateError> {
+    ) -> Result<PartitionReader, StateError> {
         let meta = client(bootstrap_servers, &group, "read_uncommitted")?;
         Ok(PartitionReader {
-            bootstrap_servers,
+            bootstrap_servers: bootstrap_servers.to_owned(),
             group,
-            topic,
+            topic: topic.to_owned(),
             timeout,
             meta,
+            data: None,
         })
     }
 
@@ -655,7 +696,7 @@ impl<'a> PartitionReader<'a> {
     pub(crate) fn partitions(&self) -> Result<usize, StateError> {
         let md = self
             .meta
-            .fetch_metadata(Some(self.topic), self.timeout)
+            .fetch_metadata(Some(&self.topic), self.timeout)
             .map_err(|e| state_error("cannot read the changelog's metadata", &e))?;
         md.topics()
             .iter()
@@ -672,7 +713,7 @@ impl<'a> PartitionReader<'a> {
     pub(crate) fn end(&self, partition: i32) -> Result<i64, StateError> {
         let (_, high) = self
             .meta
-            .fetch_watermarks(self.topic, partition, self.timeout)
+            .fetch_watermarks(&self.topic, partition, self.timeout)
             .map_err(|e| state_error("cannot read the changelog's end", &e))?;
         Ok(high)
     }
@@ -680,7 +721,7 @@ impl<'a> PartitionReader<'a> {
     /// Calls `on` with (key, value, offset) of every committed keyed record of
     /// `partition` after offset `after` (from the start if `None`) up to `high`.
     pub(crate) fn read(
-        &self,
+        &mut self,
         partition: i32,
         after: Option<i64>,
         high: i64,
@@ -690,10 +731,15 @@ impl<'a> PartitionReader<'a> {
         if start >= high {
             return Ok(());
         }
-        let consumer = client(self.bootstrap_servers, &self.group, "read_committed")?;
+        let consumer = match self.data.as_mut() {
+            Some(c) => c,
+            None => self
+                .data
+                .insert(client(&self.bootstrap_servers, &self.group, "read_committed")?),
+        };
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(
-            self.topic,
+            &self.topic,
             partition,
             after.map_or(Offset::Beginning, |a| Offset::Offset(a + 1)),
         )
@@ -701,36 +747,51 @@ impl<'a> PartitionReader<'a> {
         consumer
             .assign(&tpl)
             .map_err(|e| state_error("cannot assign the changelog partition", &e))?;
-        let mut stalled_since = Instant::now();
-        loop {
-            let position = consumer
-                .position()
-                .ok()
-                .and_then(|l| {
-                    l.find_partition(self.topic, partition)
-                        .and_then(|e| e.offset().to_raw())
-                })
-                .unwrap_or(start);
-            if position >= high {
-                return Ok(());
-            }
-            match consumer.poll(Duration::from_millis(100)) {
-                Some(Ok(m)) => {
-                    stalled_since = Instant::now();
-                    if let Some(key) = m.key() {
-                        on(key, m.payload(), m.offset())?;
-                    }
+        let result = read_assigned(consumer, &self.topic, partition, start, high, self.timeout, on);
+        // Stop fetching the partition (the client stays for the next read).
+        let _ = consumer.assign(&TopicPartitionList::new());
+        result
+    }
+}
+
+/// Reads `partition`, assigned to `consumer` at `start`, up to `high` (see
+/// [`PartitionReader::read`]).
+fn read_assigned(
+    consumer: &BaseConsumer,
+    topic: &str,
+    partition: i32,
+    start: i64,
+    high: i64,
+    timeout: Duration,
+    on: &mut OnRecord<'_>,
+) -> Result<(), StateError> {
+    let mut stalled_since = Instant::now();
+    loop {
+        let position = consumer
+            .position()
+            .ok()
+            .and_then(|l| l.find_partition(topic, partition).and_then(|e| e.offset().to_raw()))
+            .unwrap_or(start);
+        if position >= high {
+            return Ok(());
+        }
+        // Short polls: the read ends when the position passes the last record's
+        // commit marker, which no poll returns.
+        match consumer.poll(Duration::from_millis(10)) {
+            Some(Ok(m)) => {
+                stalled_since = Instant::now();
+                if let Some(key) = m.key() {
+                    on(key, m.payload(), m.offset())?;
                 }
-                Some(Err(e)) => return Err(state_error("cannot read the changelog", &e)),
-                None if stalled_since.elapsed() > self.timeout => {
-                    return Err(StateError::Transient(format!(
-                        "kafka changelog: reading {}/{partition} stalled at offset {position} of {high} for {:?} \
-                         (an open transaction of another producer holds it back?)",
-                        self.topic, self.timeout
-                    )));
-                }
-                None => {}
             }
+            Some(Err(e)) => return Err(state_error("cannot read the changelog", &e)),
+            None if stalled_since.elapsed() > timeout => {
+                return Err(StateError::Transient(format!(
+                    "kafka changelog: reading {topic}/{partition} stalled at offset {position} of {high} for \
+                     {timeout:?} (an open transaction of another producer holds it back?)"
+                )));
+            }
+            None => {}
         }
     }
 }

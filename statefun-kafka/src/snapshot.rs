@@ -57,7 +57,7 @@ impl ChangelogSnapshot {
     /// Only the new records are read. Blocking, like [`ChangelogSnapshot::read`].
     pub fn refresh(&mut self, bootstrap_servers: &str, timeout: Duration) -> Result<(), StateError> {
         let topic = self.topic.clone();
-        let reader = PartitionReader::new(bootstrap_servers, format!("{topic}-snapshot"), &topic, timeout)?;
+        let mut reader = PartitionReader::new(bootstrap_servers, format!("{topic}-snapshot"), &topic, timeout)?;
         let partitions = reader.partitions()?;
         if !self.ends.is_empty() && self.ends.len() != partitions {
             return Err(StateError::Permanent(format!(
