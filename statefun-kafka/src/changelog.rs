@@ -171,6 +171,10 @@ pub struct KafkaChangelog {
     reader: Mutex<Option<PartitionReader>>,
 }
 
+/// The offsets a commit sends with `send_offsets_to_transaction`, the group's metadata,
+/// and the same offsets per partition.
+type GroupOffsets = (TopicPartitionList, ConsumerGroupMetadata, HashMap<PartitionId, i64>);
+
 /// What a cluster-mode commit sends with `send_offsets_to_transaction`.
 pub(crate) struct GroupLink {
     /// The group's current metadata (member id and generation), read at every commit.
@@ -338,8 +342,9 @@ impl KafkaChangelog {
         *self.group.lock().expect("group lock") = link;
     }
 
-    /// The internal-topic offsets the linked group's next commit sends, per partition:
-    /// the offsets of partitions an instance keeps through a rebalance.
+    /// The internal-topic offsets the linked group's last successful commit sent (or
+    /// that the group had when linked), per partition: the offsets of partitions an
+    /// instance keeps through a rebalance.
     pub(crate) fn linked_offsets(&self) -> HashMap<PartitionId, i64> {
         self.group
             .lock()
@@ -350,27 +355,27 @@ impl KafkaChangelog {
     }
 
     /// The internal-topic offsets to commit with `unit`, per owned partition.
-    fn group_offsets(
-        &self,
-        unit: &CommitUnit,
-    ) -> Result<Option<(TopicPartitionList, ConsumerGroupMetadata)>, StateError> {
-        let mut guard = self.group.lock().expect("group lock");
-        let (Some(link), Some(topic)) = (guard.as_mut(), &self.config.internal_topic) else {
+    /// Also returns them as a map, which becomes the link's offsets once the
+    /// transaction has committed.
+    fn group_offsets(&self, unit: &CommitUnit) -> Result<Option<GroupOffsets>, StateError> {
+        let guard = self.group.lock().expect("group lock");
+        let (Some(link), Some(topic)) = (guard.as_ref(), &self.config.internal_topic) else {
             return Ok(None);
         };
-        for (p, next) in link.next.iter_mut() {
+        let mut next = link.next.clone();
+        for (p, n) in next.iter_mut() {
             if let Some(accepted) = unit.progress(*p, &format!("{topic}/{}", p.0)) {
-                *next = i64::try_from(accepted).unwrap_or(i64::MAX - 1) + 1;
+                *n = i64::try_from(accepted).unwrap_or(i64::MAX - 1) + 1;
             }
         }
         let metadata = (link.metadata)()
             .ok_or_else(|| StateError::Transient("kafka changelog: no group membership yet".to_owned()))?;
         let mut tpl = TopicPartitionList::new();
-        for (p, next) in &link.next {
-            tpl.add_partition_offset(topic, p.0 as i32, Offset::Offset(*next))
+        for (p, n) in &next {
+            tpl.add_partition_offset(topic, p.0 as i32, Offset::Offset(*n))
                 .map_err(|e| state_error("cannot build the offset list", &e))?;
         }
-        Ok(Some((tpl, metadata)))
+        Ok(Some((tpl, metadata, next)))
     }
 
     /// Queues one record, polling while the producer's queue is full.
@@ -426,7 +431,8 @@ impl KafkaChangelog {
         Ok(())
     }
 
-    fn produce(&self, unit: &CommitUnit) -> Result<(), StateError> {
+    /// Returns the group offsets it sent, if linked to a group.
+    fn produce(&self, unit: &CommitUnit) -> Result<Option<HashMap<PartitionId, i64>>, StateError> {
         for (p, changes) in &unit.changes {
             for (key, value) in changes {
                 let mut r = BaseRecord::<[u8], [u8]>::to(&self.config.topic)
@@ -478,10 +484,12 @@ impl KafkaChangelog {
                 )?;
             }
         }
-        if let Some((offsets, metadata)) = self.group_offsets(unit)? {
+        let mut sent = None;
+        if let Some((offsets, metadata, next)) = self.group_offsets(unit)? {
             self.producer
                 .send_offsets_to_transaction(&offsets, &metadata, self.config.timeout)
                 .map_err(|e| state_error("cannot add the group's offsets to the transaction", &e))?;
+            sent = Some(next);
         }
         // Delivery reports with short polls: `commit_transaction` would flush in
         // 100 ms steps (docs/guarantees.md, "Transaction cost").
@@ -504,7 +512,7 @@ impl KafkaChangelog {
             .error
             .take()
         {
-            None => Ok(()),
+            None => Ok(sent),
             // Kafka will never take these: retrying the unit would fail forever.
             Some((e @ KafkaError::MessageProduction(code), to)) if is_refused(code) => {
                 Err(permanent(&format!("the broker refused a record for {to}"), &e))
@@ -550,12 +558,15 @@ impl Changelog for KafkaChangelog {
         self.producer
             .begin_transaction()
             .map_err(|e| permanent("cannot begin a transaction", &e))?;
-        if let Err(e) = self.produce(unit) {
-            if let Err(abort) = self.producer.abort_transaction(self.config.timeout) {
-                return Err(permanent("cannot abort the failed transaction", &abort));
+        let sent = match self.produce(unit) {
+            Ok(sent) => sent,
+            Err(e) => {
+                if let Err(abort) = self.producer.abort_transaction(self.config.timeout) {
+                    return Err(permanent("cannot abort the failed transaction", &abort));
+                }
+                return Err(e);
             }
-            return Err(e);
-        }
+        };
         let mut attempts = 0;
         loop {
             match self.producer.commit_transaction(self.config.timeout) {
@@ -574,6 +585,15 @@ impl Changelog for KafkaChangelog {
                 Err(e) => return Err(permanent("cannot commit the transaction; its outcome is unknown", &e)),
             }
         }
+        // Committed: these are now the group's offsets (what a kept partition resumes
+        // with, `linked_offsets`).
+        if let (Some(sent), Some(link)) = (sent, self.group.lock().expect("group lock").as_mut()) {
+            for (p, n) in sent {
+                if let Some(next) = link.next.get_mut(&p) {
+                    *next = n;
+                }
+            }
+        }
         let d = self.producer.context().state.lock().expect("deliveries lock");
         Ok(d.positions.iter().map(|(p, o)| (PartitionId(*p as u32), *o)).collect())
     }
@@ -584,7 +604,9 @@ impl Changelog for KafkaChangelog {
         after: Option<i64>,
         apply: &mut dyn FnMut(Vec<RawOp>, i64) -> Result<(), StateError>,
     ) -> Result<(), StateError> {
-        let mut cached = self.reader.lock().expect("reader lock");
+        // A panic in `apply` during an earlier restore leaves the lock poisoned: take the
+        // reader over (its next read assigns the partition it reads anew).
+        let mut cached = self.reader.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let reader = match cached.as_mut() {
             Some(r) => r,
             None => cached.insert(PartitionReader::new(
@@ -711,6 +733,9 @@ impl PartitionReader {
     /// commit markers are not written yet: reading only to there would silently miss a
     /// committed transaction.
     pub(crate) fn end(&self, partition: i32) -> Result<i64, StateError> {
+        // This client is never polled otherwise: drop the events it collected (errors
+        // of idle connections) so that they do not pile up in a reader kept for long.
+        while self.meta.poll(Duration::ZERO).is_some() {}
         let (_, high) = self
             .meta
             .fetch_watermarks(&self.topic, partition, self.timeout)
@@ -737,6 +762,9 @@ impl PartitionReader {
                 .data
                 .insert(client(&self.bootstrap_servers, &self.group, "read_committed")?),
         };
+        // A reader kept between restores collects events while idle (a broker closing
+        // an idle connection): they are not about this read.
+        while consumer.poll(Duration::ZERO).is_some() {}
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(
             &self.topic,

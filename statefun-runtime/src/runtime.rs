@@ -674,8 +674,17 @@ impl Runtime {
         if let Some(f) = failure {
             return Err(Error::Internal(f));
         }
-        committer.abort_all();
-        while committer.join_next().await.is_some() {}
+        // Let a commit in flight finish (the committer returns at its next turn, the
+        // partitions having stopped) rather than abort it: aborting would leave its
+        // blocking commit running after `run` returns, racing the final commit and
+        // whatever the caller does next with the backend.
+        while let Some(res) = committer.join_next().await {
+            if let Ok(Err(e)) = res
+                && commit_failure.is_none()
+            {
+                commit_failure = Some(e);
+            }
+        }
         if let Some(e) = commit_failure {
             return Err(e);
         }

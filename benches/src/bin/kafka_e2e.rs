@@ -37,7 +37,7 @@ use rdkafka::producer::{BaseProducer, BaseRecord, FutureProducer, FutureRecord, 
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use statefun_kafka::{KafkaChangelog, KafkaChangelogConfig, KafkaEgress, KafkaIngress, KafkaIngressConfig};
 use statefun_runtime::state::{ChangelogBackend, RocksDbBackend};
-use statefun_runtime::{KeyRouter, Runtime, RuntimeConfig};
+use statefun_runtime::{KeyRouter, Runtime, RuntimeBuilder, RuntimeConfig};
 use statefun_sdk::prelude::*;
 use tokio_util::sync::CancellationToken;
 
@@ -216,27 +216,43 @@ fn module() -> Module {
 async fn at_least_once_mode(bootstrap: &str, records: u64, paced: u64, rate: u64) -> Result {
     let (input, output) = (unique("e2e-alo-in"), unique("e2e-alo-out"));
     create_topics(bootstrap, &[&input, &output]).await;
+    let egress = KafkaEgress::new(bootstrap, &output, &[]).expect("egress");
+    let builder = Runtime::builder().egress(OUT, egress);
+    let result = measure_runtime(bootstrap, &input, &output, builder, records, paced, rate).await;
+    delete_topics(bootstrap, &[&input, &output]).await;
+    result
+}
+
+/// Runs the bench function in a runtime made from `builder`, reading `input`, while
+/// [`measure`] runs.
+async fn measure_runtime(
+    bootstrap: &str,
+    input: &str,
+    output: &str,
+    builder: RuntimeBuilder,
+    records: u64,
+    paced: u64,
+    rate: u64,
+) -> Result {
     let ingress = KafkaIngress::new(
         "in",
-        KafkaIngressConfig::new(bootstrap, unique("e2e-group"), vec![input.clone()]),
+        KafkaIngressConfig::new(bootstrap, unique("e2e-group"), vec![input.to_owned()]),
     )
     .expect("ingress");
-    let runtime = Runtime::builder()
+    let runtime = builder
         .config(RuntimeConfig {
             partitions: PARTITIONS,
             ..Default::default()
         })
         .module(module())
-        .egress(OUT, KafkaEgress::new(bootstrap, &output, &[]).expect("egress"))
         .ingress(ingress, KeyRouter::new(FUNCTION, TypeName::from_static("bench/bytes")))
         .build()
         .expect("runtime");
     let stop = CancellationToken::new();
     let run = tokio::spawn(runtime.run(stop.clone().cancelled_owned()));
-    let result = measure(bootstrap, &input, &output, records, paced, rate).await;
+    let result = measure(bootstrap, input, output, records, paced, rate).await;
     stop.cancel();
     run.await.expect("run task").expect("run");
-    delete_topics(bootstrap, &[&input, &output]).await;
     result
 }
 
@@ -257,26 +273,8 @@ async fn kafka_mode(bootstrap: &str, interval_ms: u64, records: u64, paced: u64,
         Duration::from_millis(interval_ms),
     )
     .expect("backend");
-    let ingress = KafkaIngress::new(
-        "in",
-        KafkaIngressConfig::new(bootstrap, unique("e2e-group"), vec![input.clone()]),
-    )
-    .expect("ingress");
-    let runtime = Runtime::builder()
-        .config(RuntimeConfig {
-            partitions: PARTITIONS,
-            ..Default::default()
-        })
-        .module(module())
-        .state_backend(backend)
-        .ingress(ingress, KeyRouter::new(FUNCTION, TypeName::from_static("bench/bytes")))
-        .build()
-        .expect("runtime");
-    let stop = CancellationToken::new();
-    let run = tokio::spawn(runtime.run(stop.clone().cancelled_owned()));
-    let result = measure(bootstrap, &input, &output, records, paced, rate).await;
-    stop.cancel();
-    run.await.expect("run task").expect("run");
+    let builder = Runtime::builder().state_backend(backend);
+    let result = measure_runtime(bootstrap, &input, &output, builder, records, paced, rate).await;
     delete_topics(bootstrap, &[&input, &output, &changelog_topic]).await;
     result
 }
@@ -366,6 +364,19 @@ async fn relay_mode(bootstrap: &str, interval_ms: u64, records: u64, paced: u64,
     result
 }
 
+/// Prints a table row: `r`, and its ratios to `raw`.
+fn row(name: &str, r: &Result, raw: &Result) {
+    println!(
+        "| {name} | {:.0}/s | {:.2} | {:.0}/s | {:.2} | {:.1} ms | {:.1} ms |",
+        r.throughput,
+        r.throughput / raw.throughput,
+        r.sustained,
+        r.sustained / raw.sustained,
+        r.p50_ms,
+        r.p99_ms
+    );
+}
+
 fn main() {
     let bootstrap = std::env::var("STATEFUN_KAFKA_BOOTSTRAP")
         .expect("set STATEFUN_KAFKA_BOOTSTRAP (scripts/broker start prints the address)");
@@ -394,41 +405,14 @@ fn main() {
         create_topics(&bootstrap, &[&raw_topic]).await;
         let raw = measure(&bootstrap, &raw_topic, &raw_topic, records, paced, rate).await;
         delete_topics(&bootstrap, &[&raw_topic]).await;
-        println!(
-            "| raw produce -> consume | {:.0}/s | 1.00 | {:.0}/s | 1.00 | {:.1} ms | {:.1} ms |",
-            raw.throughput, raw.sustained, raw.p50_ms, raw.p99_ms
-        );
+        row("raw produce -> consume", &raw, &raw);
         let r = at_least_once_mode(&bootstrap, records, paced, rate).await;
-        println!(
-            "| runtime at-least-once (in-memory state, KafkaEgress) | {:.0}/s | {:.2} | {:.0}/s | {:.2} | {:.1} ms | {:.1} ms |",
-            r.throughput,
-            r.throughput / raw.throughput,
-            r.sustained,
-            r.sustained / raw.sustained,
-            r.p50_ms,
-            r.p99_ms
-        );
+        row("runtime at-least-once (in-memory state, KafkaEgress)", &r, &raw);
         for interval in intervals.iter().copied() {
             let r = relay_mode(&bootstrap, interval, records, paced, rate).await;
-            println!(
-                "| raw exactly-once relay, commit every {interval} ms | {:.0}/s | {:.2} | {:.0}/s | {:.2} | {:.1} ms | {:.1} ms |",
-                r.throughput,
-                r.throughput / raw.throughput,
-                r.sustained,
-                r.sustained / raw.sustained,
-                r.p50_ms,
-                r.p99_ms
-            );
+            row(&format!("raw exactly-once relay, commit every {interval} ms"), &r, &raw);
             let r = kafka_mode(&bootstrap, interval, records, paced, rate).await;
-            println!(
-                "| Kafka mode, commit every {interval} ms | {:.0}/s | {:.2} | {:.0}/s | {:.2} | {:.1} ms | {:.1} ms |",
-                r.throughput,
-                r.throughput / raw.throughput,
-                r.sustained,
-                r.sustained / raw.sustained,
-                r.p50_ms,
-                r.p99_ms
-            );
+            row(&format!("Kafka mode, commit every {interval} ms"), &r, &raw);
         }
     });
 }
