@@ -11,9 +11,9 @@
 //! * **On assignment** the instance stops its runtime (committing the open interval),
 //!   reads the group's offsets of the new partitions with `isolation.level=read_committed`
 //!   (which waits until a transaction of the previous owner that holds them has ended;
-//!   partitions it kept use the offsets its last commit sent), restores the partitions
-//!   (local RocksDB, then the changelog tail; or the whole changelog) and starts a
-//!   runtime over everything it owns.
+//!   partitions it kept use the offsets its last successful commit sent), restores the
+//!   partitions (local RocksDB, then the changelog tail; or the whole changelog) and
+//!   starts a runtime over everything it owns.
 //! * **On revocation** (inside the group's rebalance callback, before the partitions can
 //!   go to anyone else) it stops the runtime, which commits the open interval, and only
 //!   then lets the rebalance continue.
