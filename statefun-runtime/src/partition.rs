@@ -273,10 +273,61 @@ fn is_expiry_trigger(address: &Address, env: &Envelope) -> bool {
     statefun_sdk::Expired::is_notice(&env.message) && env.caller.as_ref() == Some(address)
 }
 
+/// The batch's messages through the function's batch hook (see `invoke_batch`).
+async fn through_hook(
+    function: &Arc<dyn StatefulFunction>,
+    ctx: &mut Context,
+    address: &Address,
+    batch: &[Envelope],
+    flags: FunctionFlags,
+) -> Option<Outcome> {
+    // Batch index of each invocation, kept only when triggers are left out.
+    let mut indices = Vec::new();
+    let mut invocations = Vec::with_capacity(batch.len());
+    for (index, env) in batch.iter().enumerate() {
+        if flags.notify && is_expiry_trigger(address, env) {
+            continue;
+        }
+        if flags.notify {
+            indices.push(index);
+        }
+        invocations.push(Invocation {
+            caller: env.caller.clone(),
+            message: env.message.clone(),
+        });
+    }
+    if !invocations.is_empty() {
+        let batch_index = |i: usize| if flags.notify { indices[i] } else { i };
+        return match AssertUnwindSafe(function.invoke_batch(ctx, &invocations))
+            .catch_unwind()
+            .await
+        {
+            Ok(Ok(())) => None,
+            Ok(Err(BatchError::Failed { index, error })) => Some(Outcome::Failed(Failure {
+                index: batch_index(index.min(invocations.len() - 1)),
+                error: statefun_sdk::error_chain(&*error),
+            })),
+            Ok(Err(BatchError::MissingStates(specs))) => Some(Outcome::MissingStates {
+                specs,
+                carried: ctx.storage_ref().specs().len(),
+            }),
+            Ok(Err(e)) => Some(Outcome::Failed(Failure {
+                index: 0,
+                error: statefun_sdk::error_chain(&e),
+            })),
+            Err(p) => Some(Outcome::Failed(Failure {
+                index: 0,
+                error: statefun_sdk::panic_message(&*p),
+            })),
+        };
+    }
+    None
+}
+
 /// Runs one batch of messages for one address against one context: first the expiry
 /// notices `start` found due, one by one, then the batch's messages through the
-/// function's batch hook (expiry triggers left out; only a function with
-/// `notify_on_expire` state has them).
+/// function's batch hook, or one by one for a function that does not take batches
+/// (expiry triggers left out; only a function with `notify_on_expire` state has them).
 async fn invoke_batch(
     function: Arc<Arc<dyn StatefulFunction>>,
     mut ctx: Context,
@@ -297,47 +348,23 @@ async fn invoke_batch(
             break;
         }
     }
-    if outcome.is_none() {
-        // Batch index of each invocation, kept only when triggers are left out.
-        let mut indices = Vec::new();
-        let mut invocations = Vec::with_capacity(batch.len());
+    if outcome.is_none() && !function.takes_batches() {
+        // The function keeps the default batch hook: the same, one message at a time,
+        // without building the batch (`StatefulFunction::takes_batches`).
         for (index, env) in batch.iter().enumerate() {
             if flags.notify && is_expiry_trigger(&address, env) {
                 continue;
             }
-            if flags.notify {
-                indices.push(index);
+            ctx.set_caller(env.caller.clone());
+            if let Err(error) = invoke_one(&function, &mut ctx, env.message.clone()).await {
+                outcome = Some(Outcome::Failed(Failure { index, error }));
+                break;
             }
-            invocations.push(Invocation {
-                caller: env.caller.clone(),
-                message: env.message.clone(),
-            });
         }
-        if !invocations.is_empty() {
-            let batch_index = |i: usize| if flags.notify { indices[i] } else { i };
-            outcome = match AssertUnwindSafe(function.invoke_batch(&mut ctx, &invocations))
-                .catch_unwind()
-                .await
-            {
-                Ok(Ok(())) => None,
-                Ok(Err(BatchError::Failed { index, error })) => Some(Outcome::Failed(Failure {
-                    index: batch_index(index.min(invocations.len() - 1)),
-                    error: statefun_sdk::error_chain(&*error),
-                })),
-                Ok(Err(BatchError::MissingStates(specs))) => Some(Outcome::MissingStates {
-                    specs,
-                    carried: ctx.storage_ref().specs().len(),
-                }),
-                Ok(Err(e)) => Some(Outcome::Failed(Failure {
-                    index: 0,
-                    error: statefun_sdk::error_chain(&e),
-                })),
-                Err(p) => Some(Outcome::Failed(Failure {
-                    index: 0,
-                    error: statefun_sdk::panic_message(&*p),
-                })),
-            };
-        }
+    } else if outcome.is_none() {
+        // In its own boxed future: this path's state (the batch, the hook's future)
+        // would otherwise enlarge every invocation's future, the one-by-one path's too.
+        outcome = through_hook(&function, &mut ctx, &address, &batch, flags).boxed().await;
     }
     if let Some(outcome) = outcome {
         return Completion {

@@ -107,6 +107,9 @@ const BATCHY: TypeName = TypeName::from_static("test/batchy");
 struct Batchy {
     gate: Arc<Semaphore>,
     bad_attempts: Arc<AtomicU32>,
+    good: Arc<AtomicU32>,
+    /// Whether the runtime goes through the batch hook or calls `invoke` itself.
+    takes_batches: bool,
 }
 
 #[async_trait]
@@ -118,22 +121,42 @@ impl StatefulFunction for Batchy {
                 self.bad_attempts.fetch_add(1, Ordering::SeqCst);
                 return Err("bad".into());
             }
-            _ => {}
+            _ => {
+                self.good.fetch_add(1, Ordering::SeqCst);
+            }
         }
         Ok(())
+    }
+
+    fn takes_batches(&self) -> bool {
+        self.takes_batches
     }
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_message_failing_inside_a_batch_gets_exactly_max_attempts() {
+async fn a_message_failing_inside_a_batch_gets_exactly_max_attempts_through_the_batch_hook() {
+    failing_inside_a_batch(true).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_message_failing_inside_a_batch_gets_exactly_max_attempts_when_invoked_one_by_one() {
+    failing_inside_a_batch(false).await;
+}
+
+/// The batch [good, bad]: `good` is re-run once as the prefix before the failure, `bad`
+/// runs exactly `max_attempts` times, then it is dead-lettered.
+async fn failing_inside_a_batch(takes_batches: bool) {
     let gate = Arc::new(Semaphore::new(0));
     let bad_attempts = Arc::new(AtomicU32::new(0));
+    let good = Arc::new(AtomicU32::new(0));
     let module = Module::builder()
         .with_function(
             FunctionSpec::new(BATCHY),
             Batchy {
                 gate: gate.clone(),
                 bad_attempts: bad_attempts.clone(),
+                good: good.clone(),
+                takes_batches,
             },
         )
         .build()
@@ -164,6 +187,9 @@ async fn a_message_failing_inside_a_batch_gets_exactly_max_attempts() {
     gate.add_permits(1); // the next batch is [good, bad]
     h.wait_idle().await;
     assert_eq!(bad_attempts.load(Ordering::SeqCst), 2);
+    // Once in the failed batch (its effects discarded), once re-run alone as the
+    // batch's prefix (its effects kept): the same whichever way the batch was invoked.
+    assert_eq!(good.load(Ordering::SeqCst), 2, "the message before the failure");
     let letters = dead.letters();
     assert_eq!(letters.len(), 1);
     assert!(matches!(
