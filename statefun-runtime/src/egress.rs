@@ -50,36 +50,25 @@ impl std::fmt::Display for EgressId {
     /// changelog formats one per egress record in its commit, and `write!` with padding
     /// cost more than the rest of the record's header.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        const HEX: &[u8; 16] = b"0123456789abcdef";
+        /// Appends `value` in base `base` (at most 16) with `width` digits.
+        fn push(buf: &mut [u8], n: &mut usize, mut value: u64, base: u64, width: usize) {
+            for i in (0..width).rev() {
+                buf[*n + i] = b"0123456789abcdef"[(value % base) as usize];
+                value /= base;
+            }
+            *n += width;
+        }
+        let width = |value: u64, base: u64| (value.checked_ilog(base).unwrap_or(0) + 1) as usize;
         let mut buf = [0u8; 16 + 1 + 10 + 1 + 16];
         let mut n = 0;
-        for i in (0..16).rev() {
-            buf[n] = HEX[((self.run >> (i * 4)) & 0xf) as usize];
-            n += 1;
-        }
+        push(&mut buf, &mut n, self.run, 16, 16);
         buf[n] = b'-';
         n += 1;
-        let mut digits = [0u8; 10];
-        let (mut p, mut d) = (self.partition.0, 0);
-        loop {
-            digits[d] = b'0' + (p % 10) as u8;
-            d += 1;
-            p /= 10;
-            if p == 0 {
-                break;
-            }
-        }
-        for i in (0..d).rev() {
-            buf[n] = digits[i];
-            n += 1;
-        }
+        let partition = u64::from(self.partition.0);
+        push(&mut buf, &mut n, partition, 10, width(partition, 10));
         buf[n] = b'-';
         n += 1;
-        let nibbles = ((64 - self.seq.leading_zeros() as usize).div_ceil(4)).max(1);
-        for i in (0..nibbles).rev() {
-            buf[n] = HEX[((self.seq >> (i * 4)) & 0xf) as usize];
-            n += 1;
-        }
+        push(&mut buf, &mut n, self.seq, 16, width(self.seq, 16));
         f.write_str(std::str::from_utf8(&buf[..n]).expect("ASCII"))
     }
 }

@@ -476,20 +476,11 @@ impl PartitionStore for StagedStore {
     }
 
     fn write(&mut self, mut batch: WriteBatch) -> Result<(), Error> {
+        batch.check_egress_taken(|e| self.backend.inner.changelog.takes_egress(e))?;
         let mut unit = CommitUnit {
             egress: std::mem::take(&mut batch.egress),
             ..CommitUnit::default()
         };
-        if let Some(r) = unit
-            .egress
-            .iter()
-            .find(|r| !self.backend.inner.changelog.takes_egress(&r.egress))
-        {
-            return Err(Error::Permanent(format!(
-                "a write carries records of egress {}, which the changelog does not take",
-                r.egress
-            )));
-        }
         let log = std::mem::take(&mut batch.log);
         let own = unit.changes.entry(self.partition).or_default();
         for op in encode_batch(self.partition, &batch)? {

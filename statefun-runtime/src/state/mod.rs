@@ -125,10 +125,10 @@ impl WriteBatch {
         self.ops.is_empty() && self.progress.is_empty() && self.log.is_empty() && self.egress.is_empty()
     }
 
-    /// The error of a backend that takes no egress, given a write that carries egress
-    /// records.
-    pub(crate) fn refuse_egress(&self) -> Result<(), Error> {
-        match self.egress.first() {
+    /// An error if the write carries a record of an egress id that `takes` (what the
+    /// backend [takes](StateBackend::takes_egress)) refuses.
+    pub(crate) fn check_egress_taken(&self, takes: impl Fn(&statefun_sdk::TypeName) -> bool) -> Result<(), Error> {
+        match self.egress.iter().find(|r| !takes(&r.egress)) {
             None => Ok(()),
             Some(r) => Err(Error::Permanent(format!(
                 "a write carries records of egress {}, which this state backend does not take",
@@ -335,7 +335,7 @@ impl PartitionStore for MemoryStore {
     }
 
     fn write(&mut self, batch: WriteBatch) -> Result<(), Error> {
-        batch.refuse_egress()?;
+        batch.check_egress_taken(|_| false)?;
         for op in batch.ops {
             match op.value {
                 Some(v) => {

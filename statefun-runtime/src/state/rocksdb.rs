@@ -341,7 +341,7 @@ impl PartitionStore for RocksDbStore {
     }
 
     fn write(&mut self, batch: WriteBatch) -> Result<(), Error> {
-        batch.refuse_egress()?;
+        batch.check_egress_taken(|_| false)?;
         let mut wb = rocksdb::WriteBatch::default();
         for op in encode_batch(self.partition, &batch)? {
             match &op.value {
