@@ -7,7 +7,7 @@
 CARGO_TARGET_DIR ?= $(HOME)/.cache/statefun-rs/target
 export CARGO_TARGET_DIR
 
-.PHONY: demo test bench bench-kafka soak broker-check setup fmt prune
+.PHONY: demo test bench bench-kafka soak soak-kafka setup fmt prune
 
 ## Run the retail reference application in-process (embedded default) and check its invariants.
 demo: setup
@@ -19,10 +19,10 @@ test: setup
 
 ## Run the criterion benchmarks (numbers in docs/performance.md).
 bench: setup
-	cargo bench --locked -p statefun-benches
+	scripts/reuse-rocksdb cargo bench --locked -p statefun-benches
 
-## End-to-end Kafka benchmark: Kafka mode vs a raw librdkafka pipe on the test broker (after `make bench`,
-## whose optimized RocksDB it reuses).
+## End-to-end Kafka benchmark: Kafka mode vs a raw librdkafka pipe and a raw exactly-once relay, on Apache
+## Kafka (scripts/kafka starts its own broker; STATEFUN_KAFKA_BOOTSTRAP=host:port uses another).
 bench-kafka: setup
 	scripts/bench-kafka
 
@@ -32,11 +32,11 @@ RECORDS ?= 50000
 soak: setup
 	scripts/reuse-rocksdb cargo run --locked -p statefun-crash-test -- soak --kills $(KILLS) --records $(RECORDS)
 
-## Tests that need Apache Kafka's transaction semantics (skipped by `make test`: the test broker has a
-## defect, docs/kafka.md): the broker conformance check and the Kafka/cluster SIGKILL tests. RUNS=N repeats;
-## STATEFUN_KAFKA_BOOTSTRAP=host:port runs them against another broker.
-broker-check: setup
-	scripts/broker-check
+## SIGKILL soak on Apache Kafka: the Kafka-mode, cluster and retail SIGKILL tests with KAFKA_KILLS kills each
+## (`make test` runs them with 3 to 5).
+KAFKA_KILLS ?= 12
+soak-kafka: setup
+	STATEFUN_SOAK_KILLS=$(KAFKA_KILLS) scripts/soak-kafka
 
 ## Free disk in the target directory: incremental caches and executables unused for MINUTES (60).
 prune:

@@ -11,9 +11,12 @@ if ! command -v cargo >/dev/null 2>&1; then
 fi
 
 # System packages the build needs (C toolchain for crates that compile C code).
-# libclang-dev: bindgen for librocksdb-sys. zlib1g-dev: librdkafka. python3, python3-venv:
-# the pinned Kafka-protocol test broker (scripts/broker installs it into a virtualenv).
-APT_PACKAGES=(make gcc g++ pkg-config libclang-dev zlib1g-dev python3 python3-venv)
+# libclang-dev: bindgen for librocksdb-sys. zlib1g-dev, libssl-dev: librdkafka (TLS, SASL/SCRAM). python3, python3-venv:
+# the StateFun Python SDK's virtualenv. openjdk-17-jre-headless, maven: the test broker,
+# Apache Kafka, run from its Maven artifacts (scripts/kafka).
+APT_PACKAGES=(make gcc g++ pkg-config libclang-dev zlib1g-dev libssl-dev python3 python3-venv)
+command -v java >/dev/null 2>&1 || APT_PACKAGES+=(openjdk-17-jre-headless)
+command -v mvn >/dev/null 2>&1 || APT_PACKAGES+=(maven)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -40,8 +43,8 @@ if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install --locked cargo-nextest
 fi
 
-# The test broker (pinned noida-db in a virtualenv); quick when already installed.
-"$(dirname "$0")/broker" install
+# The test broker (Apache Kafka, pinned, fetched with Maven); quick when already installed.
+"$(dirname "$0")/kafka" install
 
 # The StateFun Python SDK (pinned, in a virtualenv) for the remote-function
 # compatibility tests.

@@ -14,11 +14,11 @@ scripts/check-sdk-deps.sh
 step "the example cluster's docker compose file (scripts/validate-compose: Docker Compose's own check, no engine needed)"
 scripts/validate-compose
 
-step "Kafka-protocol test broker (scripts/broker; set STATEFUN_KAFKA_BOOTSTRAP to use your own)"
+step "test broker: Apache Kafka (scripts/kafka; set STATEFUN_KAFKA_BOOTSTRAP to use your own)"
 if [[ -z "${STATEFUN_KAFKA_BOOTSTRAP:-}" ]]; then
-  STATEFUN_KAFKA_BOOTSTRAP="$(scripts/broker start)"
+  STATEFUN_KAFKA_BOOTSTRAP="$(scripts/kafka start)"
   export STATEFUN_KAFKA_BOOTSTRAP
-  trap 'scripts/broker stop' EXIT
+  trap 'scripts/kafka stop' EXIT
 fi
 echo "broker at $STATEFUN_KAFKA_BOOTSTRAP"
 
@@ -29,10 +29,9 @@ if [[ -z "${STATEFUN_PYTHON:-}" ]]; then
 fi
 echo "python at $STATEFUN_PYTHON"
 
-# Every build below links the RocksDB library this target directory compiled before, if
-# there is one (scripts/reuse-rocksdb): a change of a feature of a shared dependency
-# (e.g. libc's) would otherwise recompile RocksDB's C++ (~20 min on 2 cores). On a fresh
-# machine the first build compiles it from source.
+# Every build below links the one optimized RocksDB library (scripts/reuse-rocksdb), which
+# `make demo` and `make bench` link too: RocksDB's C++ (~20 min on 2 cores) is compiled
+# once per machine, on the first of these commands.
 step "doc tests"
 scripts/reuse-rocksdb cargo test --locked --workspace --doc
 
