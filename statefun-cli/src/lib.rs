@@ -19,6 +19,13 @@
 //!   topic each names, in the cluster's transaction: exactly once for every
 //!   `deliverySemantic` (stronger than `at-least-once` asks). The topics a record may
 //!   name are listed in `egressTopics`.
+//! * Kafka client properties: the runtime document's `kafkaProperties` go to every
+//!   client of the instance (`KafkaClusterConfig::client_properties`, and the
+//!   dead-letter producer). The security properties StateFun users put in an ingress's
+//!   or egress's `properties` (`security.protocol`, `ssl.*`, `sasl.*`, `client.id`) are
+//!   taken too, when every component that sets one agrees on its value (one Kafka
+//!   cluster, one set of credentials). Properties the runtime owns are refused naming
+//!   the field (`spec.kafkaProperties.<key>`).
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -99,16 +106,23 @@ pub fn plan(spec: &ModuleSpec, overrides: &Overrides) -> anyhow::Result<Plan> {
     // Dead letters of messages commit in the transaction; those of ingress records that
     // cannot be routed go through the instance's dead-letter producer, same topic.
     cluster.dead_letter_topic = rt.dead_letter_topic.clone();
+    cluster.replication_factor = rt.replication_factor;
+    cluster.min_insync_replicas = rt.min_insync_replicas;
+    cluster.static_membership = rt.static_membership;
+    cluster.session_timeout = rt.session_timeout;
+    cluster.client_properties = client_properties(spec)?;
     let mut start = None;
     for ingress in &spec.ingresses {
         let id = &ingress.id;
         if let Some(k) = ingress
             .properties
             .keys()
-            .find(|k| !["bootstrap.servers", "group.id"].contains(&k.as_str()))
+            .find(|k| !["bootstrap.servers", "group.id"].contains(&k.as_str()) && !is_security_property(k))
         {
             bail!(
-                "ingress {id}: spec.properties: {k:?} is not supported by statefun-rs (the cluster sets its consumers' properties)"
+                "ingress {id}: spec.properties: {k:?} is not supported by statefun-rs (the cluster sets its consumers' properties; \
+                 only security.protocol, ssl.*, sasl.* and client.id are taken here, other client properties go in \
+                 io.statefun-rs.v1/runtime spec.kafkaProperties)"
             );
         }
         let position = match &ingress.startup_position {
@@ -153,9 +167,15 @@ pub fn plan(spec: &ModuleSpec, overrides: &Overrides) -> anyhow::Result<Plan> {
             .iter()
             .cloned()
             .collect();
-        if let Some(k) = egress.properties.keys().find(|k| k.as_str() != "bootstrap.servers") {
+        if let Some(k) = egress
+            .properties
+            .keys()
+            .find(|k| k.as_str() != "bootstrap.servers" && !is_security_property(k))
+        {
             bail!(
-                "egress {}: spec.properties: {k:?} is not supported by statefun-rs (records are committed in the cluster's transaction)",
+                "egress {}: spec.properties: {k:?} is not supported by statefun-rs (records are committed in the cluster's transaction; \
+                 only security.protocol, ssl.*, sasl.* and client.id are taken here, other client properties go in \
+                 io.statefun-rs.v1/runtime spec.kafkaProperties)",
                 egress.id
             );
         }
@@ -188,6 +208,63 @@ pub fn plan(spec: &ModuleSpec, overrides: &Overrides) -> anyhow::Result<Plan> {
         functions,
         dead_letter_topic: rt.dead_letter_topic.clone(),
     })
+}
+
+/// Whether a StateFun ingress's or egress's property is one the `statefun` command takes
+/// from there (connection security and the client id).
+fn is_security_property(key: &str) -> bool {
+    key == "security.protocol" || key == "client.id" || key.starts_with("ssl.") || key.starts_with("sasl.")
+}
+
+/// The librdkafka properties of every client of the instance: the runtime document's
+/// `kafkaProperties`, and the security properties of the ingresses and egresses, which
+/// must agree with each other and with `kafkaProperties` where they overlap.
+fn client_properties(spec: &ModuleSpec) -> anyhow::Result<Vec<(String, String)>> {
+    use anyhow::bail;
+    const DOCUMENT: &str = "io.statefun-rs.v1/runtime spec.kafkaProperties";
+    let mut merged: std::collections::BTreeMap<&str, (&str, String)> = std::collections::BTreeMap::new();
+    for (key, value) in &spec.runtime.kafka_properties {
+        if let Some(why) = statefun_kafka::reserved_property(key) {
+            let instead = match key.as_str() {
+                "session.timeout.ms" => " Use spec.sessionTimeout.".to_owned(),
+                "group.instance.id" => " Use spec.staticMembership.".to_owned(),
+                "group.id" => " The group is spec.applicationId.".to_owned(),
+                "bootstrap.servers" | "metadata.broker.list" => {
+                    " Use the ingresses' address (or `statefun run --bootstrap-servers`).".to_owned()
+                }
+                _ => String::new(),
+            };
+            bail!("{DOCUMENT}.{key}: the runtime sets it itself: {why}.{instead}");
+        }
+        merged.insert(key, (value, DOCUMENT.to_owned()));
+    }
+    let components = spec
+        .ingresses
+        .iter()
+        .map(|i| (format!("ingress {}", i.id), &i.properties))
+        .chain(
+            spec.egresses
+                .iter()
+                .map(|e| (format!("egress {}", e.id), &e.properties)),
+        );
+    for (component, properties) in components {
+        for (key, value) in properties.iter().filter(|(k, _)| is_security_property(k)) {
+            match merged.get(key.as_str()) {
+                Some((other, from)) if *other != value.as_str() => bail!(
+                    "{component}: spec.properties: {key} differs from the value in {from}: statefun-rs runs all of \
+                     an application's Kafka clients with one set of properties; give it once, in {DOCUMENT}"
+                ),
+                Some(_) => {}
+                None => {
+                    merged.insert(key, (value, component.clone()));
+                }
+            }
+        }
+    }
+    Ok(merged
+        .into_iter()
+        .map(|(k, (v, _))| (k.to_owned(), v.to_owned()))
+        .collect())
 }
 
 fn millis(d: Duration) -> u64 {
@@ -250,6 +327,122 @@ spec:
                 .get(&statefun_sdk::TypeName::parse("com.example/anything").unwrap())
                 .is_some()
         );
+    }
+
+    const RUNTIME: &str =
+        "---\nkind: io.statefun-rs.v1/runtime\nspec:\n  egressTopics:\n    com.example/out: [greetings]\n";
+
+    /// `BASE` with `properties` (YAML lines, already indented for a list of one-entry
+    /// maps) on the ingress and the egress, and `runtime` lines added to the runtime
+    /// document's spec.
+    fn module(ingress: &str, egress: &str, runtime: &str) -> String {
+        let with = |kind: &str, props: &str, text: String| {
+            if props.is_empty() {
+                return text;
+            }
+            let anchor = format!("kind: io.statefun.kafka.v1/{kind}\nspec:\n");
+            text.replace(&anchor, &format!("{anchor}  properties:\n{props}"))
+        };
+        let text = with("ingress", ingress, BASE.to_owned());
+        let text = with("egress", egress, text);
+        format!("{text}{RUNTIME}{runtime}")
+    }
+
+    #[tokio::test]
+    async fn kafka_properties_and_the_components_security_properties_reach_every_client() {
+        let text = module(
+            "    - security.protocol: SASL_SSL\n    - sasl.username: app\n",
+            "    - security.protocol: SASL_SSL\n    - ssl.ca.location: /etc/ca.pem\n",
+            "  kafkaProperties:\n    sasl.mechanisms: SCRAM-SHA-256\n    sasl.password: secret\n    linger.ms: 10\n  \
+             replicationFactor: 3\n  minInsyncReplicas: 2\n  staticMembership: false\n  sessionTimeout: 20s\n",
+        );
+        let p = plan(&parse(&text).unwrap(), &overrides()).unwrap();
+        let props: std::collections::BTreeMap<&str, &str> = p
+            .cluster
+            .client_properties
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        assert_eq!(
+            props,
+            [
+                ("linger.ms", "10"),
+                ("sasl.mechanisms", "SCRAM-SHA-256"),
+                ("sasl.password", "secret"),
+                ("sasl.username", "app"),
+                ("security.protocol", "SASL_SSL"),
+                ("ssl.ca.location", "/etc/ca.pem"),
+            ]
+            .into()
+        );
+        assert_eq!(p.cluster.replication_factor, Some(3));
+        assert_eq!(p.cluster.min_insync_replicas, Some(2));
+        assert!(!p.cluster.static_membership);
+        assert_eq!(p.cluster.session_timeout, Duration::from_secs(20));
+        assert!(
+            !format!("{:?}", p.cluster).contains("secret"),
+            "the password is redacted in Debug"
+        );
+
+        let defaults = plan(&parse(&module("", "", "")).unwrap(), &overrides()).unwrap();
+        assert!(defaults.cluster.client_properties.is_empty());
+        assert_eq!(defaults.cluster.replication_factor, None, "decided from the brokers");
+        assert!(defaults.cluster.static_membership);
+    }
+
+    #[tokio::test]
+    async fn kafka_properties_the_runtime_owns_or_that_disagree_are_refused_naming_the_field() {
+        let cases = [
+            (
+                module("", "", "  kafkaProperties:\n    transactional.id: mine\n"),
+                "io.statefun-rs.v1/runtime spec.kafkaProperties.transactional.id: the runtime sets it itself",
+            ),
+            (
+                module("", "", "  kafkaProperties:\n    isolation.level: read_uncommitted\n"),
+                "spec.kafkaProperties.isolation.level: the runtime sets it itself",
+            ),
+            (
+                module("", "", "  kafkaProperties:\n    session.timeout.ms: 30000\n"),
+                "spec.kafkaProperties.session.timeout.ms: the runtime sets it itself: set it with the \
+                 session_timeout field. Use spec.sessionTimeout.",
+            ),
+            (
+                module("", "", "  kafkaProperties:\n    enable.auto.commit: true\n"),
+                "spec.kafkaProperties.enable.auto.commit",
+            ),
+            (
+                module(
+                    "    - security.protocol: SASL_SSL\n",
+                    "    - security.protocol: SSL\n",
+                    "",
+                ),
+                "egress com.example/out: spec.properties: security.protocol differs from the value in ingress \
+                 com.example/names",
+            ),
+            (
+                module(
+                    "    - sasl.password: pw-one\n",
+                    "",
+                    "  kafkaProperties:\n    sasl.password: pw-two\n",
+                ),
+                "ingress com.example/names: spec.properties: sasl.password differs from the value in \
+                 io.statefun-rs.v1/runtime spec.kafkaProperties",
+            ),
+            (
+                module("    - max.poll.records: 10\n", "", ""),
+                "ingress com.example/names: spec.properties: \"max.poll.records\" is not supported",
+            ),
+            (
+                module("", "    - acks: 1\n", ""),
+                "egress com.example/out: spec.properties: \"acks\" is not supported",
+            ),
+        ];
+        for (text, expected) in cases {
+            let e = plan(&parse(&text).unwrap(), &overrides()).unwrap_err();
+            let e = format!("{e:#}");
+            assert!(e.contains(expected), "{e}\nshould contain\n{expected}");
+            assert!(!e.contains("pw-"), "secret values leaked: {e}");
+        }
     }
 
     #[tokio::test]

@@ -85,6 +85,10 @@ async fn main() -> anyhow::Result<()> {
                 "application {} on {}: {} partitions, commit interval {:?}",
                 p.cluster.application_id, p.cluster.bootstrap_servers, p.cluster.partitions, p.cluster.commit_interval
             );
+            let keys: Vec<&str> = p.cluster.client_properties.iter().map(|(k, _)| k.as_str()).collect();
+            if !keys.is_empty() {
+                println!("  kafka client properties: {}", keys.join(", "));
+            }
             for (topic, _) in &p.cluster.ingress {
                 println!("  ingress topic {topic}");
             }
@@ -115,7 +119,11 @@ async fn main() -> anyhow::Result<()> {
                 },
             )?;
             let dead_letters = match &p.dead_letter_topic {
-                Some(topic) => Some(Arc::new(KafkaDeadLetters::new(&p.cluster.bootstrap_servers, topic)?)),
+                Some(topic) => Some(Arc::new(KafkaDeadLetters::with_properties(
+                    &p.cluster.bootstrap_servers,
+                    topic,
+                    &p.cluster.client_properties,
+                )?)),
                 None => None,
             };
             tracing::info!(

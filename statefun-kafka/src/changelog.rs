@@ -19,7 +19,6 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rdkafka::ClientConfig;
-use rdkafka::admin::{NewTopic, TopicReplication};
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerGroupMetadata};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -32,16 +31,18 @@ use statefun_runtime::state::{Changelog, CommitUnit, Error as StateError, RawOp}
 use statefun_sdk::protocol::egress::KafkaProducerRecord;
 use statefun_sdk::{TypeName, ValueType};
 
-use crate::{Error, kafka};
+use crate::client::ConfigExt as _;
+use crate::{Error, kafka, topics};
 
 /// Configuration of a [`KafkaChangelog`].
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 #[non_exhaustive]
 pub struct KafkaChangelogConfig {
     /// `bootstrap.servers`.
     pub bootstrap_servers: String,
     /// The changelog topic: created (compacted) with one partition per runtime
-    /// partition if missing; an existing topic must have exactly that many.
+    /// partition if missing; an existing topic must have exactly that many, and
+    /// `cleanup.policy=compact` (an error at [`KafkaChangelog::connect`] otherwise).
     pub topic: String,
     /// The runtime's partition count.
     pub partitions: u32,
@@ -62,8 +63,15 @@ pub struct KafkaChangelogConfig {
     /// so a crash neither loses nor repeats it. The topic must exist. Default: none
     /// (dead letters go to the runtime's dead-letter sink).
     pub dead_letter_topic: Option<String>,
-    /// Replication factor of a created changelog topic. Default: 1.
-    pub replication_factor: i32,
+    /// Replication factor of a created changelog topic. Default (`None`): min(3, the
+    /// brokers in the cluster's metadata). An existing topic with fewer replicas is
+    /// logged as a warning.
+    pub replication_factor: Option<i32>,
+    /// `min.insync.replicas` of a created changelog topic: how many replicas must have
+    /// a write before a commit succeeds. Default (`None`): the replication factor - 1,
+    /// at least 1 (with 3 replicas, one broker may be lost without losing a commit or
+    /// stopping commits).
+    pub min_insync_replicas: Option<i32>,
     /// Create the changelog topic if it is missing (admin API). Set it to false where
     /// topics are provisioned elsewhere (no admin rights); the topic is then only
     /// checked. Default: true.
@@ -74,11 +82,57 @@ pub struct KafkaChangelogConfig {
     /// carries messages to partitions owned by other instances, in the transaction.
     /// Default: none (one instance owns every partition).
     pub internal_topic: Option<String>,
-    /// Extra producer properties (override the defaults).
+    /// The transactional producer's `transaction.timeout.ms`: how long the broker lets
+    /// a transaction stay open before aborting it. A killed instance's open transaction
+    /// holds back `read_committed` readers of its topics this long (unless the instance
+    /// restarts first). Default: 60 s.
+    pub transaction_timeout: Duration,
+    /// Further librdkafka properties for every client the changelog creates (the
+    /// transactional producer, the restore readers, the admin client):
+    /// `security.protocol`, `ssl.*`, `sasl.*`, `client.id`, tuning such as `linger.ms`
+    /// (default 1) or `message.max.bytes`. Those the runtime owns (`transactional.id`,
+    /// `isolation.level`, ...) are refused at [`KafkaChangelog::connect`]
+    /// ([`reserved_property`](crate::reserved_property)). Secret values are redacted in
+    /// `Debug`. Default: none.
     pub properties: Vec<(String, String)>,
 }
 
+impl std::fmt::Debug for KafkaChangelogConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaChangelogConfig")
+            .field("bootstrap_servers", &self.bootstrap_servers)
+            .field("topic", &self.topic)
+            .field("partitions", &self.partitions)
+            .field("transactional_id", &self.transactional_id)
+            .field("egress_topics", &self.egress_topics)
+            .field("record_egresses", &self.record_egresses)
+            .field("dead_letter_topic", &self.dead_letter_topic)
+            .field("replication_factor", &self.replication_factor)
+            .field("min_insync_replicas", &self.min_insync_replicas)
+            .field("create_topic", &self.create_topic)
+            .field("timeout", &self.timeout)
+            .field("internal_topic", &self.internal_topic)
+            .field("transaction_timeout", &self.transaction_timeout)
+            .field("properties", &crate::client::Redacted(&self.properties))
+            .finish()
+    }
+}
+
 impl KafkaChangelogConfig {
+    /// The replication of a created changelog topic, as configured.
+    fn replication(&self) -> topics::Replication {
+        topics::Replication {
+            factor: self.replication_factor,
+            min_insync: self.min_insync_replicas,
+        }
+    }
+
+    /// Adds the librdkafka property `key` (see `properties`).
+    pub fn property(mut self, key: impl Into<String>, value: impl Into<String>) -> KafkaChangelogConfig {
+        self.properties.push((key.into(), value.into()));
+        self
+    }
+
     /// A configuration with the defaults above.
     pub fn new(
         bootstrap_servers: impl Into<String>,
@@ -94,10 +148,12 @@ impl KafkaChangelogConfig {
             egress_topics: HashMap::new(),
             record_egresses: HashMap::new(),
             dead_letter_topic: None,
-            replication_factor: 1,
+            replication_factor: None,
+            min_insync_replicas: None,
             create_topic: true,
             timeout: Duration::from_secs(30),
             internal_topic: None,
+            transaction_timeout: Duration::from_secs(60),
             properties: Vec::new(),
         }
     }
@@ -238,31 +294,73 @@ fn is_refused(code: RDKafkaErrorCode) -> bool {
 }
 
 impl KafkaChangelog {
-    /// Creates the changelog topic if it is missing (compacted, one partition per
-    /// runtime partition), checks an existing one and the egress topics, and
-    /// initializes the transactional producer, which fences and aborts the open
-    /// transaction of an earlier instance with the same transactional id.
+    /// Checks the configuration (a property the runtime owns is an [`Error::Config`])
+    /// and that the brokers accept this client (a refused login or an untrusted
+    /// certificate is an [`Error::Connect`] within about a second); creates the
+    /// changelog topic if it is missing (compacted, one partition per runtime
+    /// partition, replicated as configured) or checks an existing one (its partition
+    /// count and cleanup policy: an [`Error::Topic`] naming what to change); checks that
+    /// the egress topics exist; and initializes the transactional producer, which fences
+    /// and aborts the open transaction of an earlier instance with the same
+    /// transactional id.
     pub async fn connect(config: KafkaChangelogConfig) -> Result<KafkaChangelog, Error> {
-        if config.create_topic {
-            let topic = NewTopic::new(
-                &config.topic,
-                config.partitions as i32,
-                TopicReplication::Fixed(config.replication_factor),
-            )
-            .set("cleanup.policy", "compact");
-            crate::create_topic(&config.bootstrap_servers, &topic, config.timeout, "the changelog topic").await?;
-        }
-        let mut cc = ClientConfig::new();
-        cc.set("bootstrap.servers", &config.bootstrap_servers)
+        crate::client::check_properties("KafkaChangelogConfig::properties", &config.properties)
+            .map_err(Error::Config)?;
+        config
+            .replication()
+            .check("KafkaChangelogConfig")
+            .map_err(Error::Config)?;
+        let (bootstrap, properties, timeout) = (
+            config.bootstrap_servers.clone(),
+            config.properties.clone(),
+            config.timeout,
+        );
+        let cluster = tokio::task::spawn_blocking(move || crate::client::probe(&bootstrap, &properties, timeout))
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))?;
+        KafkaChangelog::connect_checked(config, cluster).await
+    }
+
+    /// [`KafkaChangelog::connect`] with the configuration and the connection checked.
+    pub(crate) async fn connect_checked(
+        config: KafkaChangelogConfig,
+        cluster: crate::client::ClusterInfo,
+    ) -> Result<KafkaChangelog, Error> {
+        let missing = if config.create_topic {
+            topics::Missing::Create {
+                replication: config.replication(),
+                brokers: cluster.brokers,
+                owner: "KafkaChangelogConfig",
+            }
+        } else {
+            topics::Missing::Refuse
+        };
+        let admin = topics::admin(&config.bootstrap_servers, &config.properties)?;
+        topics::ensure(
+            &admin,
+            &topics::OwnTopic {
+                name: &config.topic,
+                what: "changelog topic",
+                partitions: i32::try_from(config.partitions).unwrap_or(i32::MAX),
+                cleanup_policy: "compact",
+                why: "it keeps the latest value of every key; deleting old records would lose state",
+            },
+            &missing,
+            config.timeout,
+        )
+        .await?;
+        drop(admin);
+        let mut cc = crate::client::client_config(&config.bootstrap_servers, &config.properties);
+        cc.set_default("linger.ms", "1")
+            // A missing egress topic is an error, not a topic created with defaults.
+            .set_default("allow.auto.create.topics", "false")
             .set("transactional.id", &config.transactional_id)
             .set("enable.idempotence", "true")
-            .set("linger.ms", "1")
-            // A missing egress topic is an error, not a topic created with defaults.
-            .set("allow.auto.create.topics", "false")
-            .set("transaction.timeout.ms", "60000");
-        for (k, v) in &config.properties {
-            cc.set(k, v);
-        }
+            .set("acks", "all")
+            .set(
+                "transaction.timeout.ms",
+                config.transaction_timeout.as_millis().to_string(),
+            );
         let producer: BaseProducer<Reports> = cc
             .create_with_context(Reports {
                 topic: config.topic.clone(),
@@ -288,32 +386,9 @@ impl KafkaChangelog {
         Ok(changelog)
     }
 
-    /// The changelog topic has one partition per runtime partition; egress topics exist.
+    /// The egress and dead-letter topics exist (the changelog topic is checked by
+    /// `topics::ensure`).
     fn check_topics(&self) -> Result<(), Error> {
-        let partitions_of = |topic: &str| -> Result<usize, Error> {
-            let md = self
-                .producer
-                .client()
-                .fetch_metadata(Some(topic), self.config.timeout)
-                .map_err(kafka("cannot read topic metadata"))?;
-            Ok(md
-                .topics()
-                .iter()
-                .find(|t| t.name() == topic && t.error().is_none())
-                .map_or(0, |t| t.partitions().len()))
-        };
-        let n = partitions_of(&self.config.topic)?;
-        if n != self.config.partitions as usize {
-            return Err(Error {
-                what: format!(
-                    "changelog topic {} has {n} partitions; it needs one per runtime partition ({}). \
-                     Use another topic, or the partition count it was created for",
-                    self.config.topic, self.config.partitions
-                )
-                .into(),
-                source: KafkaError::MetadataFetch(RDKafkaErrorCode::InvalidPartitions),
-            });
-        }
         for topic in self
             .config
             .egress_topics
@@ -321,10 +396,19 @@ impl KafkaChangelog {
             .chain(self.config.record_egresses.values().flatten())
             .chain(self.config.dead_letter_topic.iter())
         {
-            if partitions_of(topic)? == 0 {
-                return Err(Error {
-                    what: format!("egress topic {topic} does not exist; create it first").into(),
-                    source: KafkaError::MetadataFetch(RDKafkaErrorCode::UnknownTopic),
+            let md = self
+                .producer
+                .client()
+                .fetch_metadata(Some(topic), self.config.timeout)
+                .map_err(kafka("cannot read topic metadata"))?;
+            let exists = md
+                .topics()
+                .iter()
+                .any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty());
+            if !exists {
+                return Err(Error::Topic {
+                    topic: topic.clone(),
+                    problem: "the egress topic does not exist; create it first".into(),
                 });
             }
         }
@@ -376,6 +460,22 @@ impl KafkaChangelog {
                 .map_err(|e| state_error("cannot build the offset list", &e))?;
         }
         Ok(Some((tpl, metadata, next)))
+    }
+
+    /// Aborts the open transaction. Its records still queued or in flight are purged
+    /// first and their delivery reports served: `abort_transaction` waits for every
+    /// outstanding record, and with nothing polling this producer it would time out with
+    /// records remaining (seen on Apache Kafka when a rebalance made
+    /// `send_offsets_to_transaction` fail mid-interval). The records are discarded with
+    /// the transaction either way.
+    fn abort(&self) -> Result<(), KafkaError> {
+        use rdkafka::producer::PurgeConfig;
+        self.producer.purge(PurgeConfig::default().queue().inflight());
+        let deadline = Instant::now() + self.config.timeout;
+        while self.producer.in_flight_count() > 0 && Instant::now() < deadline {
+            self.producer.poll(Duration::from_millis(1));
+        }
+        self.producer.abort_transaction(self.config.timeout)
     }
 
     /// Queues one record, polling while the producer's queue is full.
@@ -561,7 +661,7 @@ impl Changelog for KafkaChangelog {
         let sent = match self.produce(unit) {
             Ok(sent) => sent,
             Err(e) => {
-                if let Err(abort) = self.producer.abort_transaction(self.config.timeout) {
+                if let Err(abort) = self.abort() {
                     return Err(permanent("cannot abort the failed transaction", &abort));
                 }
                 return Err(e);
@@ -573,7 +673,7 @@ impl Changelog for KafkaChangelog {
                 Ok(()) => break,
                 Err(KafkaError::Transaction(t)) if t.txn_requires_abort() && !t.is_fatal() => {
                     let e = state_error("the transaction was aborted", &KafkaError::Transaction(t));
-                    if let Err(abort) = self.producer.abort_transaction(self.config.timeout) {
+                    if let Err(abort) = self.abort() {
                         return Err(permanent("cannot abort the failed transaction", &abort));
                     }
                     return Err(e);
@@ -611,6 +711,7 @@ impl Changelog for KafkaChangelog {
             Some(r) => r,
             None => cached.insert(PartitionReader::new(
                 &self.config.bootstrap_servers,
+                &self.config.properties,
                 format!("{}-restore", self.config.transactional_id),
                 &self.config.topic,
                 self.config.timeout,
@@ -668,9 +769,10 @@ impl KafkaChangelog {
     }
 }
 
-fn client(bootstrap_servers: &str, group: &str, isolation: &str) -> Result<BaseConsumer, StateError> {
-    ClientConfig::new()
-        .set("bootstrap.servers", bootstrap_servers)
+/// A reader of the changelog: the base configuration (bootstrap servers and the user's
+/// properties), and the properties the reader owns.
+fn client(base: &ClientConfig, group: &str, isolation: &str) -> Result<BaseConsumer, StateError> {
+    base.clone()
         .set("group.id", group)
         .set("enable.auto.commit", "false")
         .set("isolation.level", isolation)
@@ -685,7 +787,8 @@ pub(crate) type OnRecord<'a> = dyn FnMut(&[u8], Option<&[u8]>, i64) -> Result<()
 
 /// Reads the partitions of a changelog topic, committed records only.
 pub(crate) struct PartitionReader {
-    bootstrap_servers: String,
+    /// The bootstrap servers and the user's properties.
+    base: ClientConfig,
     group: String,
     topic: String,
     timeout: Duration,
@@ -697,15 +800,18 @@ pub(crate) struct PartitionReader {
 }
 
 impl PartitionReader {
+    /// A reader of `topic` with the user's `properties` (checked by the caller).
     pub(crate) fn new(
         bootstrap_servers: &str,
+        properties: &[(String, String)],
         group: String,
         topic: &str,
         timeout: Duration,
     ) -> Result<PartitionReader, StateError> {
-        let meta = client(bootstrap_servers, &group, "read_uncommitted")?;
+        let base = crate::client::client_config(bootstrap_servers, properties);
+        let meta = client(&base, &group, "read_uncommitted")?;
         Ok(PartitionReader {
-            bootstrap_servers: bootstrap_servers.to_owned(),
+            base,
             group,
             topic: topic.to_owned(),
             timeout,
@@ -758,9 +864,7 @@ impl PartitionReader {
         }
         let consumer = match self.data.as_mut() {
             Some(c) => c,
-            None => self
-                .data
-                .insert(client(&self.bootstrap_servers, &self.group, "read_committed")?),
+            None => self.data.insert(client(&self.base, &self.group, "read_committed")?),
         };
         // A reader kept between restores collects events while idle (a broker closing
         // an idle connection): they are not about this read.

@@ -28,6 +28,18 @@
 //!   refuses it from a member whose generation is over, so an instance that lost its
 //!   partitions (a zombie) cannot commit for them. A restarted instance with the same
 //!   `instance_id` (transactional id) also fences its previous process.
+//! * **Start.** The configuration is checked first (properties the runtime owns,
+//!   replication; `ClusterError::Config`), then the connection: a login the brokers
+//!   refuse or a certificate the client does not trust fails the start within about a
+//!   second, naming the listener. The internal and changelog topics are created
+//!   (replication factor min(3, brokers), `min.insync.replicas` one less, unless
+//!   configured) or, when they exist, checked: partition count and cleanup policy
+//!   (`delete` and `compact`). Every client gets the user's `client_properties`.
+//! * **Static membership** (default): the member's `group.instance.id` is
+//!   `<application_id>-<instance_id>`, so an instance restarted after a crash gets its
+//!   partitions back without a rebalance. Such a member never leaves the group by
+//!   itself: the partitions of an instance stopped for good move after
+//!   `session_timeout` (`KafkaClusterConfig::static_membership`).
 //!
 //! A rebalance restarts the instance's runtime over its new partition set: partitions it
 //! keeps continue from local RocksDB with an empty changelog tail, after a pause that
@@ -46,7 +58,6 @@ use std::sync::Arc;
 use std::sync::mpsc as std_mpsc;
 use std::time::Duration;
 
-use rdkafka::admin::{NewTopic, TopicReplication};
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
@@ -61,6 +72,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::changelog::GroupLink;
+use crate::client::ConfigExt as _;
 use crate::{KafkaChangelog, KafkaChangelogConfig, StartPosition};
 
 /// Configuration of one instance of a cluster ([`KafkaCluster::run`]).
@@ -115,8 +127,52 @@ pub struct KafkaClusterConfig {
     pub assignment: Assignment,
     /// How long Kafka calls may block. Default: 30 s.
     pub timeout: Duration,
-    /// Replication factor of the topics it creates. Default: 1.
-    pub replication_factor: i32,
+    /// Replication factor of the topics it creates (the changelog and internal topics).
+    /// Default (`None`): min(3, the brokers in the cluster's metadata at the start). An
+    /// existing topic with fewer replicas is logged as a warning.
+    pub replication_factor: Option<i32>,
+    /// `min.insync.replicas` of the topics it creates: how many replicas must have a
+    /// write before a commit succeeds. Default (`None`): the replication factor - 1, at
+    /// least 1 (with 3 replicas, one broker may be lost without losing a commit or
+    /// stopping commits).
+    pub min_insync_replicas: Option<i32>,
+    /// Static group membership: the group member's `group.instance.id` is
+    /// `<application_id>-<instance_id>`, so an instance restarted after a crash (a
+    /// SIGKILL, an OOM kill, a node restart) with the same `instance_id` gets its
+    /// partitions back at once, without a rebalance, instead of waiting out
+    /// `session_timeout` for the group to expire the old member.
+    ///
+    /// The trade-off: a static member never leaves the group by itself (KIP-345;
+    /// librdkafka sends no LeaveGroup for it, on unsubscribe or close), so the
+    /// partitions of an instance stopped gracefully (the shutdown token) stay with it
+    /// until `session_timeout` passes, then move to the others. Without static
+    /// membership a graceful stop hands them over at the others' next heartbeat
+    /// (`session_timeout` / 4), but an instance restarted after a crash waits out
+    /// `session_timeout` and rebalances the whole group. Keep it on for rolling
+    /// restarts and crash recovery; turn it off (or shorten `session_timeout`) where
+    /// instances are often stopped for good (scaling in). Two running instances must
+    /// never share an `instance_id`: the broker fences the older member. Measured on
+    /// Apache Kafka 4.1 (`statefun-kafka/tests/production_config.rs`): a graceful stop
+    /// handed the partitions over after 10.9 s with a 10 s session, 8.2 s without
+    /// static membership and a 30 s session. Default: true.
+    pub static_membership: bool,
+    /// `transaction.timeout.ms` of the instance's transactional producer. A killed
+    /// instance's open transaction holds back the next owner of its partitions (and
+    /// read_committed readers of its topics) this long, unless it restarts first. Kafka
+    /// Streams uses 10 s as well. Default: 10 s.
+    pub transaction_timeout: Duration,
+    /// librdkafka properties for every Kafka client the instance creates: the
+    /// transactional producer, the restore readers, the group member, the ingress
+    /// consumers, the admin client. For a secured cluster: `security.protocol`,
+    /// `ssl.ca.location`, `sasl.mechanisms`, `sasl.username`, `sasl.password`, ...; also
+    /// `client.id` and tuning. Properties the runtime owns (`transactional.id`,
+    /// `isolation.level`, `group.id`, `session.timeout.ms`, ...) are refused at
+    /// [`KafkaCluster::run`] with the reason and the field to use instead
+    /// ([`reserved_property`](crate::reserved_property)). Give the same properties to the
+    /// application's other clients ([`KafkaDeadLetters::with_properties`](crate::KafkaDeadLetters::with_properties),
+    /// [`ChangelogSnapshot::read_with`](crate::ChangelogSnapshot::read_with)). Secret
+    /// values are redacted in `Debug`. Default: none.
+    pub client_properties: Vec<(String, String)>,
     /// Runtime configuration; `partitions` is set from this config.
     pub runtime: RuntimeConfig,
 }
@@ -128,7 +184,11 @@ impl std::fmt::Debug for KafkaClusterConfig {
             .field("instance_id", &self.instance_id)
             .field("partitions", &self.partitions)
             .field("state_dir", &self.state_dir)
-            .finish()
+            .field("replication_factor", &self.replication_factor)
+            .field("min_insync_replicas", &self.min_insync_replicas)
+            .field("static_membership", &self.static_membership)
+            .field("client_properties", &crate::client::Redacted(&self.client_properties))
+            .finish_non_exhaustive()
     }
 }
 
@@ -159,9 +219,19 @@ impl KafkaClusterConfig {
             rebalance_timeout: Duration::from_secs(60),
             assignment: Assignment::Cooperative,
             timeout: Duration::from_secs(30),
-            replication_factor: 1,
+            replication_factor: None,
+            min_insync_replicas: None,
+            static_membership: true,
+            transaction_timeout: Duration::from_secs(10),
+            client_properties: Vec::new(),
             runtime: RuntimeConfig::default(),
         }
+    }
+
+    /// Adds the librdkafka property `key` for every client (see `client_properties`).
+    pub fn client_property(mut self, key: impl Into<String>, value: impl Into<String>) -> KafkaClusterConfig {
+        self.client_properties.push((key.into(), value.into()));
+        self
     }
 
     /// Reads `topic`, routing its records with `router`.
@@ -186,6 +256,53 @@ impl KafkaClusterConfig {
         self.record_egresses
             .insert(egress, topics.into_iter().map(Into::into).collect());
         self
+    }
+
+    /// This instance's transactional id, and its `group.instance.id` with static
+    /// membership: `<application_id>-<instance_id>`.
+    fn instance_name(&self) -> String {
+        format!("{}-{}", self.application_id, self.instance_id)
+    }
+
+    /// Checks what can be checked without a broker (module docs).
+    fn check(&self) -> Result<(), ClusterError> {
+        crate::client::check_properties("KafkaClusterConfig::client_properties", &self.client_properties)
+            .map_err(ClusterError::Config)?;
+        self.replication()
+            .check("KafkaClusterConfig")
+            .map_err(ClusterError::Config)?;
+        for (field, value) in [
+            ("application_id", &self.application_id),
+            ("instance_id", &self.instance_id),
+        ] {
+            if value.trim().is_empty() {
+                return Err(ClusterError::Config(format!("KafkaClusterConfig::{field} is empty")));
+            }
+        }
+        if self.partitions == 0 || i32::try_from(self.partitions).is_err() {
+            return Err(ClusterError::Config(format!(
+                "KafkaClusterConfig::partitions is {}: it must be between 1 and {}",
+                self.partitions,
+                i32::MAX
+            )));
+        }
+        if let Assignment::Fixed(parts) = &self.assignment
+            && let Some(p) = parts.iter().find(|p| p.0 >= self.partitions)
+        {
+            return Err(ClusterError::Config(format!(
+                "fixed assignment names partition {p}, but there are {} partitions",
+                self.partitions
+            )));
+        }
+        Ok(())
+    }
+
+    /// The replication of the topics it creates, as configured.
+    fn replication(&self) -> crate::topics::Replication {
+        crate::topics::Replication {
+            factor: self.replication_factor,
+            min_insync: self.min_insync_replicas,
+        }
     }
 
     /// The internal topic.
@@ -253,12 +370,25 @@ pub enum ClusterError {
 }
 
 impl ClusterError {
+    /// Whether restarting the instance's clients and restoring its partitions may cure
+    /// it (see [`KafkaCluster::run`]): a state or commit failure of the runtime (the
+    /// changelog's producer left unusable), the broker away at start. Not a
+    /// configuration error, a refused topic or a refused login.
+    fn cured_by_restart(&self) -> bool {
+        match self {
+            ClusterError::Kafka(e) => e.is_retriable(),
+            ClusterError::State { .. } => true,
+            ClusterError::Runtime(statefun_runtime::Error::State { .. } | statefun_runtime::Error::Commit(_)) => true,
+            _ => false,
+        }
+    }
+
     /// Whether trying again later may succeed (the broker, or an open transaction of a
     /// previous owner, held it up).
     fn is_transient(&self) -> bool {
         use statefun_runtime::state::Error as StateError;
         match self {
-            ClusterError::Kafka(_) => true,
+            ClusterError::Kafka(e) => e.is_retriable(),
             ClusterError::State { source, .. } => matches!(source, StateError::Transient(_)),
             ClusterError::Runtime(statefun_runtime::Error::State { source, .. }) => {
                 matches!(source, StateError::Transient(_))
@@ -281,6 +411,11 @@ pub struct ClusterReport {
     /// the runtime, the final commit, reading the group's offsets and restoring the new
     /// partitions. The cost of restarting the runtime at a rebalance (module docs).
     pub pauses: Vec<Duration>,
+    /// How many times the instance restarted its Kafka clients and restored its
+    /// partitions after a failure a restart cures (a transaction the broker aborted
+    /// while the instance was cut off or frozen, a producer fenced by that abort, a
+    /// commit whose outcome stayed unknown): see [`KafkaCluster::run`].
+    pub restarts: u64,
 }
 
 enum Event {
@@ -316,10 +451,20 @@ impl ConsumerContext for Member {
                     return;
                 }
                 let (tx, rx) = std_mpsc::sync_channel(1);
-                if self.events.send(Event::Revoked(parts.clone(), tx)).is_ok()
-                    && rx.recv_timeout(self.revoke_timeout).is_err()
-                {
-                    tracing::error!(partitions = ?parts, "revoked partitions were not released in time");
+                if self.events.send(Event::Revoked(parts.clone(), tx)).is_ok() {
+                    match rx.recv_timeout(self.revoke_timeout) {
+                        Ok(()) => {}
+                        Err(std_mpsc::RecvTimeoutError::Timeout) => {
+                            tracing::error!(partitions = ?parts, "revoked partitions were not released in time")
+                        }
+                        // The instance's runtime failed and its clients are restarting
+                        // (`KafkaCluster::run`): nothing of the revoked partitions was
+                        // committed since, so their next owner restores them as they are.
+                        Err(std_mpsc::RecvTimeoutError::Disconnected) => tracing::warn!(
+                            partitions = ?parts,
+                            "revoked partitions released by a failed runtime, without a final commit"
+                        ),
+                    }
                 }
             }
             Rebalance::Assign(_) => {}
@@ -350,67 +495,120 @@ impl KafkaCluster {
     /// runtime over the partitions it is assigned, rebuilt at every change of the
     /// assignment. `configure` adds what every runtime of this instance gets (the module,
     /// dead letters, ...); the state backend and the ingresses come from `config`.
+    ///
+    /// A failure that a restart of the instance cures does not end it: when the
+    /// changelog's transactional producer is left unusable (the broker aborted the open
+    /// transaction while the instance was frozen or cut off from it for longer than
+    /// `transaction_timeout`, which fences the producer; an abort or a commit whose
+    /// outcome stays unknown), the instance drops its runtime, clients and group
+    /// membership, and starts them again after a backoff (1 s, doubling to 30 s), as a
+    /// process restart would: `init_transactions` settles the open transaction and the
+    /// partitions are restored from local RocksDB and the changelog. With static
+    /// membership it gets its partitions back at once. [`ClusterReport::restarts`]
+    /// counts these. Configuration errors and refused topics end it.
     pub async fn run(
         config: KafkaClusterConfig,
         configure: impl Fn(RuntimeBuilder) -> RuntimeBuilder,
         shutdown: CancellationToken,
     ) -> Result<ClusterReport, ClusterError> {
+        config.check()?;
+        let mut report = ClusterReport::default();
+        let mut backoff = Duration::from_secs(1);
+        loop {
+            let started = std::time::Instant::now();
+            match KafkaCluster::run_once(&config, &configure, shutdown.clone(), &mut report).await {
+                Ok(()) => return Ok(report),
+                Err(e) if e.cured_by_restart() && !shutdown.is_cancelled() => {
+                    if started.elapsed() > Duration::from_secs(60) {
+                        backoff = Duration::from_secs(1);
+                    }
+                    report.restarts += 1;
+                    tracing::warn!(
+                        error = %e,
+                        retry_in = ?backoff,
+                        "the instance failed; restarting its Kafka clients and restoring its partitions"
+                    );
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(report),
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// One life of the instance's clients: connect, join, and run partitions until
+    /// `shutdown` or a failure. Adds to `report`.
+    async fn run_once(
+        config: &KafkaClusterConfig,
+        configure: &impl Fn(RuntimeBuilder) -> RuntimeBuilder,
+        shutdown: CancellationToken,
+        report: &mut ClusterReport,
+    ) -> Result<(), ClusterError> {
+        let config = config.clone();
+        let cluster = {
+            let (bootstrap, properties, timeout) = (
+                config.bootstrap_servers.clone(),
+                config.client_properties.clone(),
+                config.timeout,
+            );
+            tokio::task::spawn_blocking(move || crate::client::probe(&bootstrap, &properties, timeout))
+                .await
+                .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))?
+        };
         let internal = config.internal_topic();
-        let topic = NewTopic::new(
-            &internal,
-            config.partitions as i32,
-            TopicReplication::Fixed(config.replication_factor),
-        );
-        crate::create_topic(&config.bootstrap_servers, &topic, config.timeout, "the internal topic").await?;
+        {
+            let admin = crate::topics::admin(&config.bootstrap_servers, &config.client_properties)?;
+            crate::topics::ensure(
+                &admin,
+                &crate::topics::OwnTopic {
+                    name: &internal,
+                    what: "internal topic",
+                    partitions: config.partitions as i32,
+                    cleanup_policy: "delete",
+                    why: "it carries messages without keys, which a compacted topic refuses",
+                },
+                &crate::topics::Missing::Create {
+                    replication: config.replication(),
+                    brokers: cluster.brokers,
+                    owner: "KafkaClusterConfig",
+                },
+                config.timeout,
+            )
+            .await?;
+        }
         let mut changelog_config = KafkaChangelogConfig::new(
             &config.bootstrap_servers,
             config.changelog_topic(),
             config.partitions,
-            format!("{}-{}", config.application_id, config.instance_id),
+            config.instance_name(),
         );
         changelog_config.egress_topics = config.egress_topics.clone();
         changelog_config.record_egresses = config.record_egresses.clone();
         changelog_config.dead_letter_topic = config.dead_letter_topic.clone();
         changelog_config.replication_factor = config.replication_factor;
+        changelog_config.min_insync_replicas = config.min_insync_replicas;
         changelog_config.timeout = config.timeout;
         changelog_config.internal_topic = Some(internal.clone());
-        // A dead instance's open transaction holds back its partitions' next owner until
-        // the broker aborts it: keep that short (Kafka Streams uses 10 s as well).
-        changelog_config.properties = vec![("transaction.timeout.ms".into(), "10000".into())];
-        let changelog = Arc::new(KafkaChangelog::connect(changelog_config).await?);
+        changelog_config.transaction_timeout = config.transaction_timeout;
+        changelog_config.properties = config.client_properties.clone();
+        let changelog = Arc::new(KafkaChangelog::connect_checked(changelog_config, cluster).await?);
 
         let (events_tx, mut events) = mpsc::unbounded_channel();
         let strategy = match &config.assignment {
             Assignment::Cooperative => "cooperative-sticky",
             Assignment::Eager => "range",
             Assignment::Fixed(parts) => {
-                if let Some(p) = parts.iter().find(|p| p.0 >= config.partitions) {
-                    return Err(ClusterError::Config(format!(
-                        "fixed assignment names partition {p}, but there are {} partitions",
-                        config.partitions
-                    )));
-                }
                 let _ = events_tx.send(Event::Assigned(parts.clone()));
-                let result = drive(&config, &changelog, None, &mut events, configure, shutdown).await;
+                let result = drive(&config, &changelog, None, &mut events, configure, shutdown, report).await;
                 drop(events_tx);
                 return result;
             }
         };
         let member: Arc<BaseConsumer<Member>> = Arc::new(
-            ClientConfig::new()
-                .set("bootstrap.servers", &config.bootstrap_servers)
-                .set("group.id", &config.application_id)
-                .set("partition.assignment.strategy", strategy)
-                .set("session.timeout.ms", config.session_timeout.as_millis().to_string())
-                .set(
-                    "heartbeat.interval.ms",
-                    (config.session_timeout.as_millis() / 4).max(100).to_string(),
-                )
-                .set("max.poll.interval.ms", config.rebalance_timeout.as_millis().to_string())
-                .set("enable.auto.commit", "false")
-                // Offsets are read with require_stable: a transaction still holding them
-                // must end first (module docs).
-                .set("isolation.level", "read_committed")
+            member_config(&config, strategy)
                 .create_with_context(Member {
                     events: events_tx,
                     topic: internal.clone(),
@@ -437,7 +635,16 @@ impl KafkaCluster {
                 .map_err(|e| ClusterError::Membership(e.to_string()))?
         };
 
-        let result = drive(&config, &changelog, Some(&member), &mut events, configure, shutdown).await;
+        let result = drive(
+            &config,
+            &changelog,
+            Some(&member),
+            &mut events,
+            configure,
+            shutdown,
+            report,
+        )
+        .await;
         // Leave the group without blocking on our own revocation callback.
         changelog.link_group(None);
         drop(events);
@@ -452,18 +659,42 @@ impl KafkaCluster {
     }
 }
 
+/// The group member's configuration: the user's properties, then what the member owns
+/// (module docs): the group, the assignment strategy, the timeouts, no offset commits of
+/// its own, `read_committed` offsets, and with static membership its
+/// `group.instance.id`.
+fn member_config(config: &KafkaClusterConfig, strategy: &str) -> ClientConfig {
+    let mut cc = crate::client::client_config(&config.bootstrap_servers, &config.client_properties);
+    cc.set_default(
+        "heartbeat.interval.ms",
+        (config.session_timeout.as_millis() / 4).max(100).to_string(),
+    )
+    .set("group.id", &config.application_id)
+    .set("partition.assignment.strategy", strategy)
+    .set("session.timeout.ms", config.session_timeout.as_millis().to_string())
+    .set("max.poll.interval.ms", config.rebalance_timeout.as_millis().to_string())
+    .set("enable.auto.commit", "false")
+    // Offsets are read with require_stable: a transaction still holding them must end
+    // first (module docs).
+    .set("isolation.level", "read_committed");
+    if config.static_membership {
+        cc.set("group.instance.id", config.instance_name());
+    }
+    cc
+}
+
 /// Rebuilds and runs the runtime at every assignment change (module docs).
 async fn drive(
     config: &KafkaClusterConfig,
     changelog: &Arc<KafkaChangelog>,
     member: Option<&Arc<BaseConsumer<Member>>>,
     events: &mut mpsc::UnboundedReceiver<Event>,
-    configure: impl Fn(RuntimeBuilder) -> RuntimeBuilder,
+    configure: &impl Fn(RuntimeBuilder) -> RuntimeBuilder,
     shutdown: CancellationToken,
-) -> Result<ClusterReport, ClusterError> {
+    report: &mut ClusterReport,
+) -> Result<(), ClusterError> {
     let internal = config.internal_topic();
     let mut owned: BTreeSet<PartitionId> = BTreeSet::new();
-    let mut report = ClusterReport::default();
     let mut pending_acks: Vec<std_mpsc::SyncSender<()>> = Vec::new();
     // The partitions of the last runtime, those revoked since it started, and when a
     // change stopped it.
@@ -482,11 +713,11 @@ async fn drive(
             let _ = ack.send(());
         }
         if shutdown.is_cancelled() {
-            return Ok(report);
+            return Ok(());
         }
         if owned.is_empty() {
             tokio::select! {
-                _ = shutdown.cancelled() => return Ok(report),
+                _ = shutdown.cancelled() => return Ok(()),
                 e = events.recv() => match e {
                     Some(e) => apply(&mut owned, &mut revoked, e, &mut pending_acks),
                     None => return Err(ClusterError::Membership("the group member stopped".into())),
@@ -535,7 +766,7 @@ async fn drive(
             .and_then(|r| r)
             .and_then(|(db, backend)| {
                 rocks = Some(db);
-                build(config, backend, &configure)
+                build(config, backend, configure)
             })
         };
         let runtime = match prepared {
@@ -770,14 +1001,14 @@ impl Ingress for OwnedIngress {
             ingress: self.name.clone(),
             reason,
         };
-        let consumer: StreamConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &self.config.bootstrap_servers)
-            .set("group.id", format!("{}-readers", self.config.application_id))
-            .set("enable.auto.commit", "false")
-            .set("isolation.level", "read_committed")
-            .set("auto.offset.reset", "earliest")
-            .create()
-            .map_err(|e| failed(format!("cannot create the consumer: {e}")))?;
+        let consumer: StreamConsumer =
+            crate::client::client_config(&self.config.bootstrap_servers, &self.config.client_properties)
+                .set("group.id", format!("{}-readers", self.config.application_id))
+                .set("enable.auto.commit", "false")
+                .set("isolation.level", "read_committed")
+                .set("auto.offset.reset", "earliest")
+                .create()
+                .map_err(|e| failed(format!("cannot create the consumer: {e}")))?;
         let tpl = self.assignment(&consumer, &sink).map_err(failed)?;
         consumer
             .assign(&tpl)
@@ -812,5 +1043,84 @@ impl Ingress for OwnedIngress {
         // membership and commits nothing, so it can go away in the background.
         tokio::task::spawn_blocking(move || drop(consumer));
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> KafkaClusterConfig {
+        KafkaClusterConfig::new("b:9092", "app", "one", 4, "/tmp/unused")
+            .client_property("security.protocol", "SASL_SSL")
+            .client_property("heartbeat.interval.ms", "700")
+    }
+
+    #[test]
+    fn the_member_is_static_by_default_with_the_users_properties_and_owns_its_group_settings() {
+        let mut c = config();
+        c.session_timeout = Duration::from_secs(8);
+        let cc = member_config(&c, "cooperative-sticky");
+        assert_eq!(cc.get("group.instance.id"), Some("app-one"));
+        assert_eq!(cc.get("group.id"), Some("app"));
+        assert_eq!(cc.get("security.protocol"), Some("SASL_SSL"));
+        assert_eq!(
+            cc.get("heartbeat.interval.ms"),
+            Some("700"),
+            "a default the user may tune"
+        );
+        assert_eq!(cc.get("session.timeout.ms"), Some("8000"));
+        assert_eq!(cc.get("isolation.level"), Some("read_committed"));
+        assert_eq!(cc.get("partition.assignment.strategy"), Some("cooperative-sticky"));
+
+        c.static_membership = false;
+        assert_eq!(member_config(&c, "range").get("group.instance.id"), None);
+        let plain = member_config(&KafkaClusterConfig::new("b:9092", "app", "one", 4, "/tmp"), "range");
+        assert_eq!(
+            plain.get("heartbeat.interval.ms"),
+            Some("2500"),
+            "a quarter of the 10 s session"
+        );
+    }
+
+    #[test]
+    fn a_configuration_that_cannot_run_is_refused_naming_the_field() {
+        let cases = [
+            (
+                config().client_property("group.id", "x"),
+                "client_properties: group.id cannot be set",
+            ),
+            (
+                KafkaClusterConfig::new("b:9092", "app", " ", 4, "/tmp"),
+                "KafkaClusterConfig::instance_id is empty",
+            ),
+            (
+                KafkaClusterConfig::new("b:9092", "app", "one", 0, "/tmp"),
+                "KafkaClusterConfig::partitions is 0",
+            ),
+            (
+                {
+                    let mut c = config();
+                    c.replication_factor = Some(2);
+                    c.min_insync_replicas = Some(3);
+                    c
+                },
+                "KafkaClusterConfig::min_insync_replicas (3) is above replication_factor (2)",
+            ),
+            (
+                {
+                    let mut c = config();
+                    c.assignment = Assignment::Fixed(vec![PartitionId(4)]);
+                    c
+                },
+                "fixed assignment names partition",
+            ),
+        ];
+        for (c, expected) in cases {
+            let e = c.check().unwrap_err();
+            assert!(matches!(e, ClusterError::Config(_)), "{e}");
+            assert!(e.to_string().contains(expected), "{e} should contain {expected}");
+        }
+        config().check().unwrap();
     }
 }

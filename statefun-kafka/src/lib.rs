@@ -33,19 +33,31 @@
 //! * [`RecordRouter`] hands the whole record to the function as a [`KafkaRecord`]
 //!   message (key, value, headers, timestamp, topic, partition, offset), with the key
 //!   as the function id. `statefun_runtime::KeyRouter` passes only the value.
+//!
+//! On a production Kafka, every client the runtime creates takes the user's librdkafka
+//! properties (`KafkaClusterConfig::client_properties`, `KafkaChangelogConfig::properties`,
+//! and the `properties` of the other components): TLS, SASL, `client.id`, tuning.
+//! Properties the runtime owns are refused with the reason ([`reserved_property`]); a
+//! login the brokers refuse or an untrusted certificate fails the start within about a
+//! second ([`Error::Connect`]), naming the listener. The runtime's own topics are created
+//! replicated (min(3, brokers), `min.insync.replicas` one less) or checked (partition
+//! count, cleanup policy: [`Error::Topic`]). See `docs/kafka.md`, "Production
+//! configuration".
 
 use std::sync::Arc;
 use std::time::Duration;
 
+mod client;
+pub use client::reserved_property;
 mod changelog;
 pub use changelog::{KafkaChangelog, KafkaChangelogConfig};
 mod snapshot;
+mod topics;
 pub use snapshot::ChangelogSnapshot;
 mod cluster;
 pub use cluster::{Assignment, ClusterError, ClusterReport, KafkaCluster, KafkaClusterConfig};
 
 use bytes::Bytes;
-use rdkafka::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
@@ -161,7 +173,7 @@ pub enum StartPosition {
 }
 
 /// Configuration of a [`KafkaIngress`].
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct KafkaIngressConfig {
     /// `bootstrap.servers`.
     pub bootstrap_servers: String,
@@ -174,8 +186,24 @@ pub struct KafkaIngressConfig {
     pub start: StartPosition,
     /// How often offsets are committed. Default 200 ms.
     pub commit_interval: Duration,
-    /// Further librdkafka consumer properties.
+    /// Further librdkafka consumer properties (`security.protocol`, `ssl.*`, `sasl.*`,
+    /// `client.id`, tuning). Those the runtime owns are refused
+    /// ([`reserved_property`]): the group, the start position and offset commits are
+    /// set by the fields above.
     pub properties: Vec<(String, String)>,
+}
+
+impl std::fmt::Debug for KafkaIngressConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaIngressConfig")
+            .field("bootstrap_servers", &self.bootstrap_servers)
+            .field("group_id", &self.group_id)
+            .field("topics", &self.topics)
+            .field("start", &self.start)
+            .field("commit_interval", &self.commit_interval)
+            .field("properties", &client::Redacted(&self.properties))
+            .finish()
+    }
 }
 
 impl KafkaIngressConfig {
@@ -192,52 +220,57 @@ impl KafkaIngressConfig {
     }
 }
 
-/// Why a Kafka component could not be created.
+/// Why a Kafka component could not be created or started. Whose fault it is, and
+/// whether trying again can help ([`Error::is_retriable`]), depends on the variant.
 #[derive(Debug, thiserror::Error)]
-#[error("kafka {what}: {source}")]
-pub struct Error {
-    what: std::borrow::Cow<'static, str>,
-    #[source]
-    source: rdkafka::error::KafkaError,
+#[non_exhaustive]
+pub enum Error {
+    /// A Kafka call failed: the brokers are away or slow, or refused the request.
+    /// Trying again later may help.
+    #[error("kafka {what}: {source}")]
+    Kafka {
+        /// What was being done.
+        what: std::borrow::Cow<'static, str>,
+        /// librdkafka's error.
+        #[source]
+        source: rdkafka::error::KafkaError,
+    },
+    /// The configuration is refused (a property the runtime owns, an impossible
+    /// replication): the message names the field and what to do. A retry cannot help.
+    #[error("invalid kafka configuration: {0}")]
+    Config(String),
+    /// The brokers refused this client at the connection (its login, or a TLS
+    /// handshake: a certificate this client does not trust). A retry with the same
+    /// configuration cannot help.
+    #[error("kafka: cannot connect to {bootstrap_servers}: {reason}")]
+    Connect {
+        /// The listener (`bootstrap.servers`).
+        bootstrap_servers: String,
+        /// The cause and what to check, with librdkafka's message.
+        reason: String,
+    },
+    /// An existing topic does not fit (missing, wrong partition count or cleanup
+    /// policy): the message says what to change. A retry cannot help.
+    #[error("kafka topic {topic}: {problem}")]
+    Topic {
+        /// The topic.
+        topic: String,
+        /// What is wrong and what to change.
+        problem: String,
+    },
 }
 
-/// Creates `topic` through the admin API unless it exists; `what` names it in errors
-/// ("the changelog topic").
-async fn create_topic(
-    bootstrap_servers: &str,
-    topic: &rdkafka::admin::NewTopic<'_>,
-    timeout: Duration,
-    what: &str,
-) -> Result<(), Error> {
-    use rdkafka::admin::{AdminClient, AdminOptions};
-    let admin: AdminClient<rdkafka::client::DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap_servers)
-        .create()
-        .map_err(kafka("cannot create admin client"))?;
-    let results = admin
-        .create_topics([topic], &AdminOptions::new().operation_timeout(Some(timeout)))
-        .await
-        .map_err(|source| Error {
-            what: format!("cannot create {what}").into(),
-            source,
-        })?;
-    for r in results {
-        match r {
-            Ok(_) | Err((_, rdkafka::error::RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((t, code)) => {
-                return Err(Error {
-                    what: format!("cannot create {what} {t}").into(),
-                    source: rdkafka::error::KafkaError::AdminOp(code),
-                });
-            }
-        }
+impl Error {
+    /// Whether trying again later may succeed (the brokers were away or slow); a
+    /// configuration, a login or a topic that does not fit needs a change first.
+    pub fn is_retriable(&self) -> bool {
+        matches!(self, Error::Kafka { .. })
     }
-    Ok(())
 }
 
 /// Maps a Kafka error to an [`Error`] saying what was being done.
 fn kafka(what: &'static str) -> impl FnOnce(rdkafka::error::KafkaError) -> Error {
-    move |source| Error {
+    move |source| Error::Kafka {
         what: what.into(),
         source,
     }
@@ -257,11 +290,12 @@ impl std::fmt::Debug for KafkaIngress {
 }
 
 impl KafkaIngress {
-    /// Creates the consumer and subscribes to the topics.
+    /// Creates the consumer and subscribes to the topics. A property the runtime owns
+    /// in `config.properties` is an [`Error::Config`].
     pub fn new(name: impl Into<String>, config: KafkaIngressConfig) -> Result<KafkaIngress, Error> {
-        let mut cc = ClientConfig::new();
-        cc.set("bootstrap.servers", &config.bootstrap_servers)
-            .set("group.id", &config.group_id)
+        client::check_properties("KafkaIngressConfig::properties", &config.properties).map_err(Error::Config)?;
+        let mut cc = client::client_config(&config.bootstrap_servers, &config.properties);
+        cc.set("group.id", &config.group_id)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set(
@@ -271,18 +305,9 @@ impl KafkaIngress {
                     StartPosition::Latest => "latest",
                 },
             );
-        for (k, v) in &config.properties {
-            cc.set(k, v);
-        }
-        let consumer: StreamConsumer = cc.create().map_err(|source| Error {
-            what: "cannot create consumer".into(),
-            source,
-        })?;
+        let consumer: StreamConsumer = cc.create().map_err(kafka("cannot create consumer"))?;
         let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
-        consumer.subscribe(&topics).map_err(|source| Error {
-            what: "cannot subscribe".into(),
-            source,
-        })?;
+        consumer.subscribe(&topics).map_err(kafka("cannot subscribe"))?;
         Ok(KafkaIngress {
             name: name.into(),
             consumer,
@@ -399,21 +424,18 @@ impl Ingress for KafkaIngress {
     }
 }
 
+/// An idempotent producer (`linger.ms` 5 unless the properties say otherwise); a
+/// property the runtime owns in `properties` (named `field` in the error) is refused.
 fn producer(
     bootstrap_servers: &str,
     properties: &[(String, String)],
+    field: &str,
 ) -> Result<ThreadedProducer<DefaultProducerContext>, Error> {
-    let mut cc = ClientConfig::new();
-    cc.set("bootstrap.servers", bootstrap_servers)
-        .set("enable.idempotence", "true")
-        .set("linger.ms", "5");
-    for (k, v) in properties {
-        cc.set(k, v);
-    }
-    cc.create().map_err(|source| Error {
-        what: "cannot create producer".into(),
-        source,
-    })
+    use client::ConfigExt as _;
+    client::check_properties(field, properties).map_err(Error::Config)?;
+    let mut cc = client::client_config(bootstrap_servers, properties);
+    cc.set_default("linger.ms", "5").set("enable.idempotence", "true");
+    cc.create().map_err(kafka("cannot create producer"))
 }
 
 /// Produces egress records to one topic: key = the producing address's id, value = the
@@ -430,7 +452,10 @@ impl std::fmt::Debug for KafkaEgress {
 }
 
 impl KafkaEgress {
-    /// An egress to `topic` (idempotent producer, `linger.ms` 5; `properties` override).
+    /// An egress to `topic`: an idempotent producer, `linger.ms` 5. `properties` are
+    /// further librdkafka producer properties (`security.protocol`, `ssl.*`, `sasl.*`,
+    /// `client.id`, tuning; they override `linger.ms`); one the runtime owns
+    /// ([`reserved_property`]) is an [`Error::Config`].
     pub fn new(
         bootstrap_servers: &str,
         topic: impl Into<String>,
@@ -438,16 +463,13 @@ impl KafkaEgress {
     ) -> Result<KafkaEgress, Error> {
         Ok(KafkaEgress {
             topic: topic.into(),
-            producer: producer(bootstrap_servers, properties)?,
+            producer: producer(bootstrap_servers, properties, "KafkaEgress properties")?,
         })
     }
 
     /// Waits until every record handed over so far is acknowledged (or `timeout`).
     pub fn flush(&self, timeout: Duration) -> Result<(), Error> {
-        self.producer.flush(timeout).map_err(|source| Error {
-            what: "flush failed".into(),
-            source,
-        })
+        self.producer.flush(timeout).map_err(kafka("flush failed"))
     }
 }
 
@@ -555,18 +577,27 @@ impl std::fmt::Debug for KafkaDeadLetters {
 impl KafkaDeadLetters {
     /// A dead-letter sink producing to `topic`.
     pub fn new(bootstrap_servers: &str, topic: impl Into<String>) -> Result<KafkaDeadLetters, Error> {
+        KafkaDeadLetters::with_properties(bootstrap_servers, topic, &[])
+    }
+
+    /// A dead-letter sink producing to `topic` with further librdkafka producer
+    /// properties (as [`KafkaEgress::new`] takes them: a secured cluster's
+    /// `security.protocol`, `ssl.*`, `sasl.*`; one the runtime owns is an
+    /// [`Error::Config`]).
+    pub fn with_properties(
+        bootstrap_servers: &str,
+        topic: impl Into<String>,
+        properties: &[(String, String)],
+    ) -> Result<KafkaDeadLetters, Error> {
         Ok(KafkaDeadLetters {
             topic: topic.into(),
-            producer: producer(bootstrap_servers, &[])?,
+            producer: producer(bootstrap_servers, properties, "KafkaDeadLetters properties")?,
         })
     }
 
     /// Waits until every dead letter handed over so far is acknowledged.
     pub fn flush(&self, timeout: Duration) -> Result<(), Error> {
-        self.producer.flush(timeout).map_err(|source| Error {
-            what: "flush failed".into(),
-            source,
-        })
+        self.producer.flush(timeout).map_err(kafka("flush failed"))
     }
 }
 

@@ -42,13 +42,26 @@ impl ChangelogSnapshot {
     /// Reads every partition of `topic` up to its current end. Blocking (run it on a
     /// blocking thread in async code); each partition read fails after `timeout`
     /// without progress (an open transaction of a stopped producer holds it back until
-    /// the broker aborts it).
+    /// the broker aborts it). For a secured cluster, see [`ChangelogSnapshot::read_with`].
     pub fn read(bootstrap_servers: &str, topic: &str, timeout: Duration) -> Result<ChangelogSnapshot, StateError> {
+        ChangelogSnapshot::read_with(bootstrap_servers, &[], topic, timeout)
+    }
+
+    /// [`ChangelogSnapshot::read`] with further librdkafka properties for its reader:
+    /// those of the application's clients (`KafkaClusterConfig::client_properties`),
+    /// such as `security.protocol`, `ssl.*` and `sasl.*`. A property the runtime owns
+    /// ([`reserved_property`](crate::reserved_property)) is a permanent error.
+    pub fn read_with(
+        bootstrap_servers: &str,
+        properties: &[(String, String)],
+        topic: &str,
+        timeout: Duration,
+    ) -> Result<ChangelogSnapshot, StateError> {
         let mut snapshot = ChangelogSnapshot {
             topic: topic.to_owned(),
             ..Default::default()
         };
-        snapshot.refresh(bootstrap_servers, timeout)?;
+        snapshot.refresh_with(bootstrap_servers, properties, timeout)?;
         Ok(snapshot)
     }
 
@@ -56,8 +69,26 @@ impl ChangelogSnapshot {
     /// each partition's current end: the snapshot then shows the state at that point.
     /// Only the new records are read. Blocking, like [`ChangelogSnapshot::read`].
     pub fn refresh(&mut self, bootstrap_servers: &str, timeout: Duration) -> Result<(), StateError> {
+        self.refresh_with(bootstrap_servers, &[], timeout)
+    }
+
+    /// [`ChangelogSnapshot::refresh`] with further librdkafka properties (as
+    /// [`ChangelogSnapshot::read_with`] takes them).
+    pub fn refresh_with(
+        &mut self,
+        bootstrap_servers: &str,
+        properties: &[(String, String)],
+        timeout: Duration,
+    ) -> Result<(), StateError> {
+        crate::client::check_properties("ChangelogSnapshot properties", properties).map_err(StateError::Permanent)?;
         let topic = self.topic.clone();
-        let mut reader = PartitionReader::new(bootstrap_servers, format!("{topic}-snapshot"), &topic, timeout)?;
+        let mut reader = PartitionReader::new(
+            bootstrap_servers,
+            properties,
+            format!("{topic}-snapshot"),
+            &topic,
+            timeout,
+        )?;
         let partitions = reader.partitions()?;
         if !self.ends.is_empty() && self.ends.len() != partitions {
             return Err(StateError::Permanent(format!(

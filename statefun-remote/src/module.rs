@@ -75,6 +75,21 @@ pub struct RuntimeSpec {
     pub initial_backoff: Duration,
     /// Longest retry backoff. Default 10 s.
     pub max_backoff: Duration,
+    /// librdkafka properties for every Kafka client of the instance
+    /// (`kafkaProperties`): `security.protocol`, `ssl.*`, `sasl.*`, `client.id`, tuning.
+    /// The runtime refuses those it owns when it starts. Default: none.
+    pub kafka_properties: BTreeMap<String, String>,
+    /// Replication factor of the internal and changelog topics the runtime creates
+    /// (`replicationFactor`). Default: min(3, brokers).
+    pub replication_factor: Option<i32>,
+    /// `min.insync.replicas` of the topics the runtime creates (`minInsyncReplicas`).
+    /// Default: the replication factor - 1, at least 1.
+    pub min_insync_replicas: Option<i32>,
+    /// Static group membership (`staticMembership`): a restarted instance gets its
+    /// partitions back at once. Default true.
+    pub static_membership: bool,
+    /// How long a silent instance keeps its partitions (`sessionTimeout`). Default 10 s.
+    pub session_timeout: Duration,
 }
 
 impl Default for RuntimeSpec {
@@ -89,6 +104,11 @@ impl Default for RuntimeSpec {
             max_attempts: 6,
             initial_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(10),
+            kafka_properties: BTreeMap::new(),
+            replication_factor: None,
+            min_insync_replicas: None,
+            static_membership: true,
+            session_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -269,6 +289,12 @@ struct RuntimeDoc {
     max_attempts: Option<u32>,
     initial_backoff: Option<FlinkDuration>,
     max_backoff: Option<FlinkDuration>,
+    #[serde(default)]
+    kafka_properties: BTreeMap<String, Scalar>,
+    replication_factor: Option<i32>,
+    min_insync_replicas: Option<i32>,
+    static_membership: Option<bool>,
+    session_timeout: Option<FlinkDuration>,
 }
 
 #[derive(Deserialize)]
@@ -530,7 +556,35 @@ fn runtime(s: RuntimeDoc) -> Result<RuntimeSpec, String> {
         max_attempts: s.max_attempts.unwrap_or(d.max_attempts),
         initial_backoff: s.initial_backoff.map_or(d.initial_backoff, |x| x.0),
         max_backoff: s.max_backoff.map_or(d.max_backoff, |x| x.0),
+        kafka_properties: s
+            .kafka_properties
+            .into_iter()
+            .map(|(k, v)| (k, v.into_string()))
+            .collect(),
+        replication_factor: s.replication_factor,
+        min_insync_replicas: s.min_insync_replicas,
+        static_membership: s.static_membership.unwrap_or(d.static_membership),
+        session_timeout: s.session_timeout.map_or(d.session_timeout, |x| x.0),
     };
+    if let Some(k) = spec.kafka_properties.keys().find(|k| k.trim().is_empty()) {
+        return Err(format!("spec.kafkaProperties: {k:?} is not a property name"));
+    }
+    if spec.replication_factor.is_some_and(|r| r < 1) {
+        return Err("spec.replicationFactor: must be at least 1".into());
+    }
+    if spec.min_insync_replicas.is_some_and(|r| r < 1) {
+        return Err("spec.minInsyncReplicas: must be at least 1".into());
+    }
+    if let (Some(rf), Some(isr)) = (spec.replication_factor, spec.min_insync_replicas)
+        && isr > rf
+    {
+        return Err(format!(
+            "spec.minInsyncReplicas: {isr} is above spec.replicationFactor ({rf}); no write could succeed"
+        ));
+    }
+    if spec.session_timeout < Duration::from_secs(1) {
+        return Err("spec.sessionTimeout: must be at least 1 s".into());
+    }
     if spec.partitions == 0 || spec.partitions > 65_536 {
         return Err("spec.partitions: must be between 1 and 65536".into());
     }
@@ -857,6 +911,13 @@ spec:
             m.runtime.egress_topics[&TypeName::parse("com.example/out").unwrap()],
             ["greetings", "farewells"]
         );
+        assert!(m.runtime.kafka_properties.is_empty(), "default");
+        assert_eq!(
+            (m.runtime.replication_factor, m.runtime.min_insync_replicas),
+            (None, None),
+            "default: decided from the brokers"
+        );
+        assert!(m.runtime.static_membership, "default");
         assert_eq!(m.grpc_endpoints[0].call_timeout, Duration::from_secs(30));
         assert_eq!(m.grpc_endpoints[0].connect_timeout, Duration::from_secs(20));
         for (bad, expected) in [
@@ -867,6 +928,14 @@ spec:
             (
                 "kind: io.statefun-rs.v1/runtime\nspec:\n  partitions: 0\n",
                 "line 1: spec.partitions: must be between 1 and 65536",
+            ),
+            (
+                "kind: io.statefun-rs.v1/runtime\nspec:\n  replicationFactor: 2\n  minInsyncReplicas: 3\n",
+                "line 1: spec.minInsyncReplicas: 3 is above spec.replicationFactor (2)",
+            ),
+            (
+                "kind: io.statefun-rs.v1/runtime\nspec:\n  kafkaProperties: [security.protocol]\n",
+                "line 3: spec.kafkaProperties: invalid type: sequence, expected a map",
             ),
             (
                 "kind: io.statefun-rs.v1/runtime\nspec: {}\n---\nkind: io.statefun-rs.v1/runtime\nspec: {}\n",
@@ -880,6 +949,30 @@ spec:
             let e = parse(bad).unwrap_err().to_string();
             assert!(e.contains(expected), "{e} should contain {expected}");
         }
+    }
+
+    #[test]
+    fn the_runtime_documents_kafka_settings_read_as_strings_with_replication_and_membership() {
+        let text = "\
+kind: io.statefun-rs.v1/runtime
+spec:
+  kafkaProperties:
+    security.protocol: SASL_SSL
+    sasl.mechanisms: SCRAM-SHA-256
+    enable.ssl.certificate.verification: true
+    message.max.bytes: 2000000
+  replicationFactor: 3
+  minInsyncReplicas: 2
+  staticMembership: false
+  sessionTimeout: 30s
+";
+        let rt = parse(text).unwrap().runtime;
+        assert_eq!(rt.kafka_properties["security.protocol"], "SASL_SSL");
+        assert_eq!(rt.kafka_properties["enable.ssl.certificate.verification"], "true");
+        assert_eq!(rt.kafka_properties["message.max.bytes"], "2000000");
+        assert_eq!((rt.replication_factor, rt.min_insync_replicas), (Some(3), Some(2)));
+        assert!(!rt.static_membership);
+        assert_eq!(rt.session_timeout, Duration::from_secs(30));
     }
 
     #[test]
