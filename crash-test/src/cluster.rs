@@ -86,14 +86,21 @@ impl ClusterNames {
         }
     }
 
-    /// Creates the ingress topic (`PARTITIONS` partitions) and the egress topic.
+    /// Creates the ingress topic (`PARTITIONS` partitions) and the egress topic, with
+    /// replication factor min(3, brokers), so that they survive a broker's loss.
     pub async fn create_topics(&self) -> anyhow::Result<()> {
         use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
         let admin: AdminClient<rdkafka::client::DefaultClientContext> =
             ClientConfig::new().set("bootstrap.servers", &self.bootstrap).create()?;
+        let brokers = admin
+            .inner()
+            .fetch_metadata(None, Duration::from_secs(10))?
+            .brokers()
+            .len();
+        let rf = brokers.clamp(1, 3) as i32;
         let topics = [
-            NewTopic::new(&self.ingress, PARTITIONS as i32, TopicReplication::Fixed(1)),
-            NewTopic::new(&self.egress, 1, TopicReplication::Fixed(1)),
+            NewTopic::new(&self.ingress, PARTITIONS as i32, TopicReplication::Fixed(rf)),
+            NewTopic::new(&self.egress, 1, TopicReplication::Fixed(rf)),
         ];
         for r in admin.create_topics(&topics, &AdminOptions::new()).await? {
             r.map_err(|(t, e)| anyhow::anyhow!("cannot create topic {t}: {e}"))?;
@@ -140,10 +147,8 @@ impl ClusterNames {
         let mut config = KafkaClusterConfig::new(&self.bootstrap, &self.app, instance, PARTITIONS, state_dir)
             .ingress(&self.ingress, KeyRouter::new(COUNTER, VALUE))
             .egress(OUT, &self.egress);
+        // A killed or frozen member's partitions move after this long.
         config.session_timeout = Duration::from_secs(6);
-        // The test broker sometimes loses a member's JoinGroup; the rebalance timeout is
-        // what recovers the group then (docs/kafka.md, "The test broker").
-        config.rebalance_timeout = Duration::from_secs(15);
         config.assignment = assignment;
         KafkaCluster::run(config, |b| b.module(module()), shutdown)
             .await
@@ -175,6 +180,69 @@ impl ClusterNames {
             }
         }
         Ok(out)
+    }
+
+    /// The broker leading each partition of the changelog topic (node ids).
+    pub fn changelog_leaders(&self) -> anyhow::Result<Vec<i32>> {
+        let client: rdkafka::consumer::BaseConsumer =
+            ClientConfig::new().set("bootstrap.servers", &self.bootstrap).create()?;
+        let changelog = format!("{}-changelog", self.app);
+        let metadata = client.fetch_metadata(Some(&changelog), Duration::from_secs(10))?;
+        let topic = metadata
+            .topics()
+            .first()
+            .with_context(|| format!("no metadata for {changelog}"))?;
+        let mut leaders: Vec<(i32, i32)> = topic.partitions().iter().map(|p| (p.id(), p.leader())).collect();
+        leaders.sort_unstable();
+        Ok(leaders.into_iter().map(|(_, leader)| leader).collect())
+    }
+
+    /// The changelog's committed end (last stable offset) of every runtime partition:
+    /// what a read_committed reader can see now.
+    pub fn changelog_ends(&self) -> anyhow::Result<Vec<i64>> {
+        let committed: rdkafka::consumer::BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap)
+            .set("isolation.level", "read_committed")
+            .create()?;
+        let changelog = format!("{}-changelog", self.app);
+        (0..PARTITIONS as i32)
+            .map(|p| Ok(committed.fetch_watermarks(&changelog, p, Duration::from_secs(10))?.1))
+            .collect()
+    }
+
+    /// Waits until a record committed after `from` (offsets as [`Self::changelog_ends`]
+    /// gave them) appears in the changelog of one of `partitions`, and returns when it
+    /// became visible to a read_committed reader, or `None` after `timeout`. With
+    /// `from` read right after an owner was killed, that is the first commit of a new
+    /// owner: the killed owner's open transaction is aborted and never shows. Blocking.
+    pub fn first_commit_after(
+        &self,
+        partitions: &[u32],
+        from: &[i64],
+        timeout: Duration,
+    ) -> anyhow::Result<Option<std::time::Instant>> {
+        use rdkafka::consumer::BaseConsumer;
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap)
+            .set("group.id", ClusterNames::unique(&self.bootstrap, &self.app).app)
+            .set("enable.auto.commit", "false")
+            .set("isolation.level", "read_committed")
+            .set("fetch.wait.max.ms", "10")
+            .create()?;
+        let changelog = format!("{}-changelog", self.app);
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        for &p in partitions {
+            tpl.add_partition_offset(&changelog, p as i32, rdkafka::Offset::Offset(from[p as usize]))?;
+        }
+        consumer.assign(&tpl)?;
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            if let Some(m) = consumer.poll(Duration::from_millis(20)) {
+                m?;
+                return Ok(Some(std::time::Instant::now()));
+            }
+        }
+        Ok(None)
     }
 
     /// The values carried by messages to `echo` in the internal topic, with the
@@ -239,7 +307,13 @@ impl ClusterNames {
                 deadline.saturating_duration_since(tokio::time::Instant::now())
             };
             let m = match tokio::time::timeout(wait, consumer.recv()).await {
-                Ok(m) => m?,
+                Ok(Ok(m)) => m,
+                // A broker away (the broker-fault tests): the client reconnects.
+                Ok(Err(e)) => {
+                    eprintln!("egress reader: {e}");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
                 Err(_) => return Ok((out, repeated)),
             };
             let id = m.headers().and_then(|hs| {

@@ -26,6 +26,7 @@
 //! duplicated effect changes it.
 
 pub mod cluster;
+pub mod instances;
 
 use std::collections::BTreeMap;
 use std::io::Write;

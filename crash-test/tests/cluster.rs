@@ -1,18 +1,22 @@
-//! Cluster mode against a real broker: instances of one application share the
-//! runtime's partitions through a consumer group. State and egress must stay
-//! exactly-once while a third instance joins and leaves, and while one of two instances
-//! is SIGKILLed (a real process kill) in the middle of its work and restarted. The
-//! workload and the check are in `statefun_crash_test::cluster`.
+//! Cluster mode against a real broker (Apache Kafka in `make test`): instances of one
+//! application share the runtime's partitions through a consumer group. State and
+//! egress must stay exactly-once while a third instance joins and leaves; while one of
+//! two instances is SIGKILLed (a real process kill) in the middle of its work and
+//! restarted; when a killed instance is not restarted and the survivors take its
+//! partitions over; when a frozen instance (SIGSTOP) loses its partitions and comes back
+//! as a zombie (SIGCONT); and when an instance is restarted in place. The workload and
+//! the check are in `statefun_crash_test::cluster`.
 
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rand::Rng;
 use statefun_crash_test::cluster::{ClusterNames, check_exactly_once};
+use statefun_crash_test::instances::{Instance, finish, kills_per_run, log_dir, steady_load, tempdir, visible};
 use statefun_kafka::Assignment;
 use tokio_util::sync::CancellationToken;
 
-const KEYS: u64 = 40;
+const KEYS: u64 = statefun_crash_test::instances::KEYS;
+const BINARY: &str = env!("CARGO_BIN_EXE_statefun-crash-test");
 
 fn bootstrap() -> String {
     std::env::var("STATEFUN_KAFKA_BOOTSTRAP").expect(
@@ -91,156 +95,201 @@ async fn instances_joining_and_leaving_keep_state_and_egress_exactly_once() {
     );
 }
 
-/// Starts an instance process. With `CLUSTER_LOG_DIR` set, its log (with every record its
-/// ingress delivers, at trace level) is appended to `<dir>/<app>-<instance>.log`.
-fn spawn_instance(names: &ClusterNames, instance: &str, partitions: &str, dir: &std::path::Path) -> Child {
-    let stderr = match std::env::var_os("CLUSTER_LOG_DIR") {
-        Some(logs) => {
-            let path = std::path::Path::new(&logs).join(format!("{}-{instance}.log", names.app));
-            Stdio::from(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .unwrap(),
-            )
-        }
-        None => Stdio::inherit(),
-    };
-    let filter = match std::env::var_os("CLUSTER_LOG_DIR") {
-        Some(_) => "warn,statefun_kafka::cluster=trace,statefun_runtime::partition=debug",
-        None => "warn",
-    };
-    Command::new(env!("CARGO_BIN_EXE_statefun-crash-test"))
-        .env("RUST_LOG", filter)
-        .args(["cluster-instance", "--bootstrap", &names.bootstrap, "--app", &names.app])
-        .args([
-            "--ingress",
-            &names.ingress,
-            "--egress",
-            &names.egress,
-            "--instance",
-            instance,
-        ])
-        .args(["--fixed-partitions", partitions])
-        .arg("--dir")
-        .arg(dir)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(stderr)
-        .spawn()
-        .unwrap()
-}
-
-/// Closes the child's stdin (it commits and leaves the group) and waits for it.
-fn stop_instance(mut child: Child) {
-    drop(child.stdin.take());
-    let status = child.wait().unwrap();
-    assert!(status.success(), "instance failed: {status}");
-}
-
-/// Counts the egress records visible to a read_committed reader right now.
-async fn visible(names: &ClusterNames) -> usize {
-    let (records, _) = names
-        .read_egress(usize::MAX, Duration::from_millis(1500))
-        .await
-        .unwrap();
-    records.len()
-}
-
-/// Skipped by `make test`, run by `make broker-check`: while an instance is killed in
-/// a transaction, the other instance's read_committed consumer waits at that
-/// transaction's first record; after the restart aborts it, the consumer reads on from
-/// past the abort marker, and the test broker (noida-db 0.2.3) then hides every later
-/// committed message of the restarted instance's producer from it (docs/kafka.md,
-/// "Broker defects"). It failed 6 of 39 runs on noida-db.
+/// Two instances with fixed partitions; one is SIGKILLed in the middle of its work and
+/// restarted, several times. Its open transactions are aborted by the restart's
+/// `init_transactions`, the other instance's read_committed consumer of the internal
+/// topic reads on past the abort markers, and nothing is lost or duplicated.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "the test broker hides committed records after a restart (docs/kafka.md); run with `make broker-check`"]
 async fn sigkilled_instance_of_two_loses_and_duplicates_nothing() {
     let names = ClusterNames::unique(&bootstrap(), "kill-one");
     names.create_topics().await.unwrap();
-    const VALUES: u64 = 9000;
-    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let mut a = spawn_instance(&names, "a", "0,2", dir_a.path());
-    let mut b = spawn_instance(&names, "b", "1,3", dir_b.path());
-    let producer = {
-        let names = names.clone();
-        tokio::spawn(async move {
-            // A steady stream, so kills land while records are being processed.
-            for chunk in 0..30 {
-                names.produce(chunk * 300..(chunk + 1) * 300, KEYS).await.unwrap();
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-        })
-    };
+    let kills = kills_per_run(3);
+    let values: u64 = 300 * (10 + 6 * kills as u64);
+    let (dir_a, dir_b, logs) = (tempdir(), tempdir(), log_dir());
+    let mut a = Instance::spawn(BINARY, &names, "a", Some("0,2"), dir_a.path(), &logs);
+    let b = Instance::spawn(BINARY, &names, "b", Some("1,3"), dir_b.path(), &logs);
+    let producer = steady_load(&names, values);
     let mut rng = rand::rng();
-    let mut kills = Vec::new();
-    for _ in 0..3 {
+    let mut seen = Vec::new();
+    for _ in 0..kills {
         tokio::time::sleep(Duration::from_millis(rng.random_range(1000..3000))).await;
-        a.kill().unwrap();
-        a.wait().unwrap();
-        kills.push(visible(&names).await);
+        a.kill();
+        seen.push(visible(&names).await);
         tokio::time::sleep(Duration::from_millis(rng.random_range(0..2000))).await;
-        a = spawn_instance(&names, "a", "0,2", dir_a.path());
+        a = Instance::spawn(BINARY, &names, "a", Some("0,2"), dir_a.path(), &logs);
     }
     producer.await.unwrap();
-    let (mut records, mut repeated) = names
-        .read_egress(2 * VALUES as usize, Duration::from_secs(60))
-        .await
-        .unwrap();
-    if records.len() < 2 * VALUES as usize {
-        // The test broker's defect (docs/kafka.md, "Broker defects"): an instance stops
-        // seeing what the other one sends it through the internal topic. Restarting both
-        // shows whether the work is only stuck or lost (the check below).
-        eprintln!(
-            "STALL in {}: {} of {} egress records; open transactions: {:?}; restarting both instances",
-            names.app,
-            records.len(),
-            2 * VALUES,
-            names.open_transactions()
-        );
-        stop_instance(a);
-        stop_instance(b);
-        a = spawn_instance(&names, "a", "0,2", dir_a.path());
-        b = spawn_instance(&names, "b", "1,3", dir_b.path());
-        (records, repeated) = names
-            .read_egress(2 * VALUES as usize, Duration::from_secs(60))
-            .await
-            .unwrap();
-    }
-    stop_instance(a);
-    stop_instance(b);
-    eprintln!(
-        "egress records visible after each kill: {kills:?}; at the end: {} ({repeated} with an id seen before)",
-        records.len()
-    );
+    eprintln!("egress records visible after each kill: {seen:?}");
     // The kills hit the workload mid-run.
     assert!(
-        kills.iter().filter(|n| **n < 2 * VALUES as usize).count() >= 2,
-        "the kills came after the work was done: {kills:?}"
+        seen.iter().filter(|n| **n < 2 * values as usize).count() >= kills.min(2),
+        "the kills came after the work was done: {seen:?}"
     );
-    if let Err(e) = check_exactly_once(&records, VALUES, KEYS) {
-        let echoed: std::collections::BTreeSet<u64> = records
-            .iter()
-            .filter_map(|r| r.strip_prefix("e:"))
-            .filter_map(|r| r.split(':').nth(1)?.parse().ok())
-            .collect();
-        for isolation in ["read_committed", "read_uncommitted"] {
-            let sent = names.internal_echo_values(isolation).unwrap();
-            let missing: Vec<(u64, Vec<(i32, i64)>)> = (0..VALUES)
-                .filter(|v| !echoed.contains(v))
-                .map(|v| (v, sent.get(&v).cloned().unwrap_or_default()))
-                .collect();
-            eprintln!(
-                "{isolation}: {} echo messages in the internal topic; of the {} values never echoed, {} are in it; \
-                 (value, [(partition, offset)]): {:?}",
-                sent.values().map(Vec::len).sum::<usize>(),
-                missing.len(),
-                missing.iter().filter(|(_, at)| !at.is_empty()).count(),
-                &missing[..missing.len().min(40)]
-            );
-        }
-        panic!("{e}");
+    finish(&names, values, vec![a, b]).await;
+}
+
+/// Three instances in the group under load; one is SIGKILLed and not restarted. When
+/// its session times out, the survivors take its partitions (restored from the
+/// changelog) and finish the work, exactly once. Prints the time from the kill to the
+/// first commit of a taken-over partition, as a read_committed reader sees it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn survivors_take_over_a_sigkilled_instances_partitions() {
+    let names = ClusterNames::unique(&bootstrap(), "takeover");
+    names.create_topics().await.unwrap();
+    const VALUES: u64 = 9000;
+    let (dirs, logs) = ([tempdir(), tempdir(), tempdir()], log_dir());
+    let a = Instance::spawn(BINARY, &names, "a", None, dirs[0].path(), &logs);
+    let b = Instance::spawn(BINARY, &names, "b", None, dirs[1].path(), &logs);
+    let c = Instance::spawn(BINARY, &names, "c", None, dirs[2].path(), &logs);
+    let producer = steady_load(&names, VALUES);
+    // Wait until the group has settled with c owning partitions, under load.
+    let owned = c.owned(Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let owned = c.runs().last().cloned().unwrap_or(owned);
+    assert!(!owned.is_empty());
+    c.kill();
+    let killed_at = Instant::now();
+    let from = names.changelog_ends().unwrap();
+    let first_commit = {
+        let (names, owned) = (names.clone(), owned.clone());
+        tokio::task::spawn_blocking(move || names.first_commit_after(&owned, &from, Duration::from_secs(90)))
+    };
+    let taken = first_commit
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("no survivor committed a partition of the killed instance within 90 s");
+    eprintln!(
+        "takeover: the killed instance owned partitions {owned:?}; the first commit of one by a survivor \
+         was visible {:?} after the kill (session timeout 6 s)",
+        taken - killed_at
+    );
+    producer.await.unwrap();
+    // The survivors between them now run every partition.
+    let survivors: std::collections::BTreeSet<u32> = [&a, &b]
+        .iter()
+        .filter_map(|i| i.runs().last().cloned())
+        .flatten()
+        .collect();
+    assert_eq!(
+        survivors,
+        (0..statefun_crash_test::cluster::PARTITIONS).collect(),
+        "the survivors do not run every partition"
+    );
+    finish(&names, VALUES, vec![a, b]).await;
+}
+
+/// An instance frozen with SIGSTOP (a GC pause, a stalled VM) while its transaction is
+/// open: the group moves its partitions to the others after its session timeout. Then
+/// it is resumed with SIGCONT, a zombie that still believes it owns them. Its commit
+/// must be refused (fenced), it must write nothing for those partitions, and it must
+/// rejoin the group and go on: the work ends exactly once and the resumed instance
+/// runs partitions again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_instance_is_fenced_when_resumed_and_rejoins() {
+    let names = ClusterNames::unique(&bootstrap(), "zombie");
+    names.create_topics().await.unwrap();
+    const VALUES: u64 = 9000;
+    let (dirs, logs) = ([tempdir(), tempdir()], log_dir());
+    let a = Instance::spawn(BINARY, &names, "a", None, dirs[0].path(), &logs);
+    let b = Instance::spawn(BINARY, &names, "b", None, dirs[1].path(), &logs);
+    let producer = steady_load(&names, VALUES);
+    a.owned(Duration::from_secs(60)).await;
+    b.owned(Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let a_runs = a.runs().len();
+    let owned = a.runs().last().cloned().unwrap();
+    a.signal("STOP");
+    let from = names.changelog_ends().unwrap();
+    let first_commit = {
+        let (names, owned) = (names.clone(), owned.clone());
+        tokio::task::spawn_blocking(move || names.first_commit_after(&owned, &from, Duration::from_secs(90)))
+    };
+    let frozen_at = Instant::now();
+    let taken = first_commit.await.unwrap().unwrap();
+    assert!(
+        taken.is_some(),
+        "b never committed the frozen instance's partitions {owned:?}; b's log:\n{}",
+        b.log_text()
+    );
+    eprintln!(
+        "the frozen instance's partitions {owned:?} were committed by b {:?} after the freeze",
+        taken.unwrap() - frozen_at
+    );
+    assert_eq!(
+        b.runs().last().map(Vec::len),
+        Some(statefun_crash_test::cluster::PARTITIONS as usize),
+        "b does not run every partition while a is frozen"
+    );
+    let refusals_before = a.refused_commits();
+    a.signal("CONT");
+    producer.await.unwrap();
+    // The zombie rejoins: it runs partitions again, as a new generation.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !(a.runs().len() > a_runs && a.runs().last().is_some_and(|p| !p.is_empty())) {
+        assert!(
+            Instant::now() < deadline,
+            "the resumed instance did not rejoin and run partitions; its log:\n{}",
+            a.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert_eq!(repeated, 0, "an egress id appears twice");
+    eprintln!("the resumed instance rejoined with partitions {:?}", a.runs().last());
+    // Its open transaction's commit was refused: the group no longer knew it.
+    assert!(
+        a.refused_commits() > refusals_before,
+        "no commit of the resumed instance was refused; its log:\n{}",
+        a.log_text()
+    );
+    finish(&names, VALUES, vec![a, b]).await;
+}
+
+/// An instance SIGKILLed and restarted with the same instance id gets its partitions
+/// back at once (static group membership), without waiting out the session timeout:
+/// the restart's first commit of its partitions is visible well within the 6 s session
+/// timeout. Prints the restart-to-first-commit time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_restarted_in_place_gets_its_partitions_back_at_once() {
+    let names = ClusterNames::unique(&bootstrap(), "in-place");
+    names.create_topics().await.unwrap();
+    const VALUES: u64 = 6000;
+    let (dirs, logs) = ([tempdir(), tempdir()], log_dir());
+    let a = Instance::spawn(BINARY, &names, "a", None, dirs[0].path(), &logs);
+    let b = Instance::spawn(BINARY, &names, "b", None, dirs[1].path(), &logs);
+    let producer = steady_load(&names, VALUES);
+    a.owned(Duration::from_secs(60)).await;
+    b.owned(Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let owned = a.runs().last().cloned().unwrap();
+    let b_runs = b.runs().len();
+    a.kill();
+    let from = names.changelog_ends().unwrap();
+    let restarted_at = Instant::now();
+    let a = Instance::spawn(BINARY, &names, "a", None, dirs[0].path(), &logs);
+    let taken = {
+        let (names, owned) = (names.clone(), owned.clone());
+        tokio::task::spawn_blocking(move || names.first_commit_after(&owned, &from, Duration::from_secs(60)))
+    }
+    .await
+    .unwrap()
+    .unwrap()
+    .expect("the restarted instance's partitions saw no commit within 60 s");
+    let took = taken - restarted_at;
+    eprintln!("restart in place: partitions {owned:?}, first commit visible {took:?} after the restart");
+    assert_eq!(
+        a.owned(Duration::from_secs(10)).await,
+        owned,
+        "the restarted instance did not get its own partitions back"
+    );
+    assert_eq!(
+        b.runs().len(),
+        b_runs,
+        "the other instance was rebalanced by the restart"
+    );
+    assert!(
+        took < Duration::from_secs(6),
+        "the restart took {took:?} to commit: longer than the session timeout"
+    );
+    producer.await.unwrap();
+    finish(&names, VALUES, vec![a, b]).await;
 }

@@ -4,7 +4,9 @@
 //! (deduplicated by record id) must equal a crash-free run with the same seed. No lost
 //! and no duplicated effects. The kill schedule's seed is printed so a failure can be
 //! replayed with `statefun-crash-test soak --kill-seed S`. The same in Kafka mode
-//! (`--kafka`), where the egress must be exactly once without removing anything.
+//! (`--kafka`, on Apache Kafka in `make test`), where the egress must be exactly once
+//! without removing anything. `STATEFUN_SOAK_KILLS` sets the number of kills (5;
+//! `make soak-kafka` runs 12).
 
 use std::time::Duration;
 
@@ -25,7 +27,11 @@ fn soak(kafka: Option<KafkaArgs>, records: u64, kill_after_ms: (u64, u64)) -> Ou
         seed: 42,
         records,
         partitions: 4,
-        kills: 5,
+        // `make soak-kafka` runs more (STATEFUN_SOAK_KILLS).
+        kills: std::env::var("STATEFUN_SOAK_KILLS")
+            .ok()
+            .and_then(|k| k.parse().ok())
+            .unwrap_or(5),
         kill_after_ms,
         kill_seed,
         timeout: Duration::from_secs(120),
@@ -64,14 +70,7 @@ fn sigkilled_runs_end_in_the_same_state_as_a_crash_free_run() {
 /// lands between commits (pending writes lost), inside a commit (open transaction), or
 /// between a commit and its RocksDB write. Its egress topic, read with read_committed, must hold every record
 /// of the crash-free run exactly once, with nothing removed by id.
-///
-/// Skipped by `make test`, run by `make broker-check`: when a kill lands between a
-/// commit and its RocksDB write, the restart restores the changelog tail from past an
-/// earlier abort marker of its own producer, and the test broker (noida-db 0.2.3) then
-/// hides the committed tail from the read_committed restore (docs/kafka.md, "Broker
-/// defects"): the work is redone and its egress duplicated.
 #[test]
-#[ignore = "the test broker hides committed records after a restart (docs/kafka.md); run with `make broker-check`"]
 fn sigkilled_kafka_mode_runs_commit_state_and_egress_exactly_once() {
     let bootstrap = std::env::var("STATEFUN_KAFKA_BOOTSTRAP").expect(
         "STATEFUN_KAFKA_BOOTSTRAP is not set: run the suite with `make test` (it starts a broker), \

@@ -1,0 +1,87 @@
+//! Broker faults under load, on Apache Kafka clusters of the tests' own (started with
+//! `scripts/kafka`, whatever STATEFUN_KAFKA_BOOTSTRAP says: these tests kill and stop
+//! brokers). Two cluster-mode instances run the cluster workload
+//! (`statefun_crash_test::cluster`); at the end every value reached both functions
+//! exactly once and every address's counts are `1..=n`.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use statefun_crash_test::cluster::ClusterNames;
+use statefun_crash_test::instances::{Instance, OwnKafka, finish, log_dir, steady_load, tempdir, visible};
+
+const BINARY: &str = env!("CARGO_BIN_EXE_statefun-crash-test");
+
+fn script() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/kafka")
+}
+
+/// Three brokers; the internal topics get replication factor 3 and
+/// `min.insync.replicas` 2 by default (min(3, brokers)). The broker leading most
+/// changelog partitions is SIGKILLed mid-run and restarted 10 s later. The instances
+/// go on (their clients move to the new leaders) and nothing is lost or duplicated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_changelog_leaders_sigkill_on_three_brokers_loses_and_duplicates_nothing() {
+    let kafka = OwnKafka::start(&script(), &format!("three-{}", std::process::id()), 3, 45100).unwrap();
+    let names = ClusterNames::unique(&kafka.bootstrap, "broker-kill");
+    names.create_topics().await.unwrap();
+    const VALUES: u64 = 9000;
+    let (dirs, logs) = ([tempdir(), tempdir()], log_dir());
+    let a = Instance::spawn(BINARY, &names, "a", None, dirs[0].path(), &logs);
+    let b = Instance::spawn(BINARY, &names, "b", None, dirs[1].path(), &logs);
+    let producer = steady_load(&names, VALUES);
+    a.owned(Duration::from_secs(60)).await;
+    b.owned(Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let leaders = names.changelog_leaders().unwrap();
+    let mut counts = std::collections::BTreeMap::<i32, usize>::new();
+    for l in &leaders {
+        *counts.entry(*l).or_default() += 1;
+    }
+    let victim = counts.iter().max_by_key(|(_, n)| **n).map(|(id, _)| *id).unwrap();
+    let before = visible(&names).await;
+    kafka.node("kill", victim).unwrap();
+    eprintln!("killed broker {victim}, leader of changelog partitions {leaders:?}; {before} egress records visible");
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let during = visible(&names).await;
+    kafka.node("start", victim).unwrap();
+    eprintln!("broker {victim} restarted; {during} egress records visible while it was down");
+    assert!(during > before, "no progress while the broker was down");
+    producer.await.unwrap();
+    finish(&names, VALUES, vec![a, b]).await;
+}
+
+/// One broker, stopped for 20 s under load and started again. The instances wait
+/// (input stops at the pending-writes bound) and resume by themselves; nothing is lost
+/// or duplicated. Prints how long after the broker's return the egress moved again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_20_second_broker_outage_is_ridden_out_and_loses_and_duplicates_nothing() {
+    let kafka = OwnKafka::start(&script(), &format!("outage-{}", std::process::id()), 1, 45200).unwrap();
+    let names = ClusterNames::unique(&kafka.bootstrap, "outage");
+    names.create_topics().await.unwrap();
+    const VALUES: u64 = 6000;
+    let (dirs, logs) = ([tempdir(), tempdir()], log_dir());
+    let a = Instance::spawn(BINARY, &names, "a", None, dirs[0].path(), &logs);
+    let b = Instance::spawn(BINARY, &names, "b", None, dirs[1].path(), &logs);
+    let producer = steady_load(&names, VALUES);
+    a.owned(Duration::from_secs(60)).await;
+    b.owned(Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    kafka.node("stop", 1).unwrap();
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    kafka.node("start", 1).unwrap();
+    let back = Instant::now();
+    let at_return = visible(&names).await;
+    let deadline = back + Duration::from_secs(60);
+    while visible(&names).await <= at_return {
+        assert!(
+            Instant::now() < deadline,
+            "no egress within 60 s of the broker's return; logs:\n{}\n{}",
+            a.log_text(),
+            b.log_text()
+        );
+    }
+    eprintln!("egress moved again {:?} after the broker's return", back.elapsed());
+    producer.await.unwrap();
+    finish(&names, VALUES, vec![a, b]).await;
+}
