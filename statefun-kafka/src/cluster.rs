@@ -43,14 +43,14 @@
 //!
 //! A rebalance restarts the instance's runtime over its new partition set: partitions it
 //! keeps continue from local RocksDB with an empty changelog tail, after a pause that
-//! [`ClusterReport::pauses`] records (16 to 50 ms on the test broker). Only instances
+//! [`ClusterReport::pauses`] records (about 0.5 s on Apache Kafka). Only instances
 //! whose set changes restart. Kafka Streams moves single tasks instead; doing the same
 //! here (starting and stopping partition tasks in a running runtime) is future work.
 //! See `docs/kafka.md`, "Cluster mode".
 //!
-//! Status: instances joining and leaving keep state and egress exactly-once. The SIGKILL
-//! test needs Apache Kafka: the test broker hides a restarted instance's committed
-//! messages from the other instance (`docs/kafka.md`, "Broker defects").
+//! Status: proven on Apache Kafka (`crash-test/tests/cluster.rs`, `broker_faults.rs`):
+//! instances joining and leaving, SIGKILLs with and without restart, a frozen zombie,
+//! restart in place, a broker lost or away; state and egress stay exactly-once.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;

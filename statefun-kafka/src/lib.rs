@@ -8,9 +8,8 @@
 //!   partitions through a consumer group; messages to partitions on other instances
 //!   travel through an internal topic inside the same transactions as state and
 //!   egress; KIP-447 fencing with `send_offsets_to_transaction`. See the `cluster`
-//!   module docs and `docs/guarantees.md`, "Cluster mode". Its SIGKILL test needs
-//!   Apache Kafka: the test broker hides committed records after a producer restart
-//!   (`docs/kafka.md`, "Broker defects").
+//!   module docs and `docs/guarantees.md`, "Cluster mode". Its crash paths are proven on
+//!   Apache Kafka (`docs/kafka.md`).
 //! * [`KafkaChangelog`], under `statefun_runtime::state::ChangelogBackend`: every
 //!   commit interval, one Kafka transaction holds the latest value of every changed key
 //!   (compacted changelog topic) and the egress records; RocksDB follows after the

@@ -1,5 +1,5 @@
 //! Kafka ingress, egress and dead-letter topic against a real Kafka-protocol broker
-//! (`make test` starts one, `scripts/broker`; any Kafka works: set
+//! (`make test` starts Apache Kafka, `scripts/kafka`; any Kafka works: set
 //! STATEFUN_KAFKA_BOOTSTRAP). Topics and groups get unique names and are created with
 //! the admin API, so runs never see each other's data.
 //! Proves: records produced by a plain Kafka client reach the functions (key as id,
