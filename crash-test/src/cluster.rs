@@ -149,6 +149,8 @@ impl ClusterNames {
             .egress(OUT, &self.egress);
         // A killed or frozen member's partitions move after this long.
         config.session_timeout = Duration::from_secs(6);
+        // Cooperative assignment needs dynamic membership (`Assignment::Cooperative`).
+        config.static_membership = assignment != Assignment::Cooperative;
         config.assignment = assignment;
         KafkaCluster::run(config, |b| b.module(module()), shutdown)
             .await

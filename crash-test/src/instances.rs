@@ -333,3 +333,58 @@ impl Drop for OwnKafka {
         let _ = Command::new(&self.script).args(["stop", "--name", &self.name]).status();
     }
 }
+
+/// A run of the cluster workload by instance processes in the consumer group, named
+/// "a", "b", ..., each with its own state directory, under [`steady_load`].
+#[derive(Debug)]
+pub struct GroupRun {
+    /// The run's topics and application.
+    pub names: ClusterNames,
+    binary: String,
+    values: u64,
+    producer: tokio::task::JoinHandle<()>,
+    dirs: Vec<tempfile::TempDir>,
+    logs: LogDir,
+}
+
+impl GroupRun {
+    /// Creates the topics on `bootstrap`, starts `n` instances of `binary` and a load
+    /// of `values` records, and returns once every instance runs partitions, and 2 s
+    /// more (the group settled, the work under way).
+    pub async fn start(
+        binary: &str,
+        bootstrap: &str,
+        prefix: &str,
+        n: usize,
+        values: u64,
+    ) -> (GroupRun, Vec<Instance>) {
+        let names = ClusterNames::unique(bootstrap, prefix);
+        names.create_topics().await.unwrap();
+        let run = GroupRun {
+            producer: steady_load(&names, values),
+            names,
+            binary: binary.to_owned(),
+            values,
+            dirs: (0..n).map(|_| tempdir()).collect(),
+            logs: log_dir(),
+        };
+        let instances: Vec<Instance> = (0..n).map(|i| run.spawn(i)).collect();
+        for i in &instances {
+            i.owned(Duration::from_secs(60)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        (run, instances)
+    }
+
+    /// Starts instance `i` (again: same id, same state directory).
+    pub fn spawn(&self, i: usize) -> Instance {
+        let name = char::from(b'a' + i as u8).to_string();
+        Instance::spawn(&self.binary, &self.names, &name, None, self.dirs[i].path(), &self.logs)
+    }
+
+    /// Waits until the load is produced, then [`finish`]es with `instances`.
+    pub async fn finish(self, instances: Vec<Instance>) {
+        self.producer.await.unwrap();
+        finish(&self.names, self.values, instances).await;
+    }
+}

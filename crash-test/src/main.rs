@@ -113,7 +113,7 @@ fn main() -> anyhow::Result<()> {
                 Some(parts) => {
                     statefun_kafka::Assignment::Fixed(parts.into_iter().map(statefun_runtime::PartitionId).collect())
                 }
-                None => statefun_kafka::Assignment::Cooperative,
+                None => statefun_kafka::Assignment::default(),
             };
             let names = statefun_crash_test::cluster::ClusterNames {
                 bootstrap,

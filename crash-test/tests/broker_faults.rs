@@ -7,8 +7,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use statefun_crash_test::cluster::ClusterNames;
-use statefun_crash_test::instances::{Instance, OwnKafka, finish, log_dir, steady_load, tempdir, visible};
+use statefun_crash_test::instances::{GroupRun, Instance, OwnKafka, visible};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_statefun-crash-test");
 
@@ -22,17 +21,9 @@ fn script() -> PathBuf {
 /// go on (their clients move to the new leaders) and nothing is lost or duplicated.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_changelog_leaders_sigkill_on_three_brokers_loses_and_duplicates_nothing() {
-    let kafka = OwnKafka::start(&script(), &format!("three-{}", std::process::id()), 3, 45100).unwrap();
-    let names = ClusterNames::unique(&kafka.bootstrap, "broker-kill");
-    names.create_topics().await.unwrap();
-    const VALUES: u64 = 9000;
-    let (dirs, logs) = ([tempdir(), tempdir()], log_dir());
-    let a = Instance::spawn(BINARY, &names, "a", None, dirs[0].path(), &logs);
-    let b = Instance::spawn(BINARY, &names, "b", None, dirs[1].path(), &logs);
-    let producer = steady_load(&names, VALUES);
-    a.owned(Duration::from_secs(60)).await;
-    b.owned(Duration::from_secs(60)).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let kafka = OwnKafka::start(&script(), &format!("three-{}", std::process::id()), 3, 18100).unwrap();
+    let (run, instances) = GroupRun::start(BINARY, &kafka.bootstrap, "broker-kill", 2, 9000).await;
+    let names = run.names.clone();
     let leaders = names.changelog_leaders().unwrap();
     let mut counts = std::collections::BTreeMap::<i32, usize>::new();
     for l in &leaders {
@@ -47,8 +38,7 @@ async fn the_changelog_leaders_sigkill_on_three_brokers_loses_and_duplicates_not
     kafka.node("start", victim).unwrap();
     eprintln!("broker {victim} restarted; {during} egress records visible while it was down");
     assert!(during > before, "no progress while the broker was down");
-    producer.await.unwrap();
-    finish(&names, VALUES, vec![a, b]).await;
+    run.finish(instances).await;
 }
 
 /// One broker, stopped for 20 s under load and started again. The instances wait
@@ -56,17 +46,10 @@ async fn the_changelog_leaders_sigkill_on_three_brokers_loses_and_duplicates_not
 /// or duplicated. Prints how long after the broker's return the egress moved again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_20_second_broker_outage_is_ridden_out_and_loses_and_duplicates_nothing() {
-    let kafka = OwnKafka::start(&script(), &format!("outage-{}", std::process::id()), 1, 45200).unwrap();
-    let names = ClusterNames::unique(&kafka.bootstrap, "outage");
-    names.create_topics().await.unwrap();
-    const VALUES: u64 = 6000;
-    let (dirs, logs) = ([tempdir(), tempdir()], log_dir());
-    let a = Instance::spawn(BINARY, &names, "a", None, dirs[0].path(), &logs);
-    let b = Instance::spawn(BINARY, &names, "b", None, dirs[1].path(), &logs);
-    let producer = steady_load(&names, VALUES);
-    a.owned(Duration::from_secs(60)).await;
-    b.owned(Duration::from_secs(60)).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let kafka = OwnKafka::start(&script(), &format!("outage-{}", std::process::id()), 1, 18200).unwrap();
+    let (run, instances) = GroupRun::start(BINARY, &kafka.bootstrap, "outage", 2, 6000).await;
+    let names = run.names.clone();
+    let [a, b]: [Instance; 2] = instances.try_into().unwrap();
     kafka.node("stop", 1).unwrap();
     tokio::time::sleep(Duration::from_secs(20)).await;
     kafka.node("start", 1).unwrap();
@@ -82,6 +65,5 @@ async fn a_20_second_broker_outage_is_ridden_out_and_loses_and_duplicates_nothin
         );
     }
     eprintln!("egress moved again {:?} after the broker's return", back.elapsed());
-    producer.await.unwrap();
-    finish(&names, VALUES, vec![a, b]).await;
+    run.finish(vec![a, b]).await;
 }

@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use rand::Rng;
 use statefun_crash_test::cluster::{ClusterNames, check_exactly_once};
-use statefun_crash_test::instances::{Instance, finish, kills_per_run, log_dir, steady_load, tempdir, visible};
+use statefun_crash_test::instances::{
+    GroupRun, Instance, finish, kills_per_run, log_dir, steady_load, tempdir, visible,
+};
 use statefun_kafka::Assignment;
 use tokio_util::sync::CancellationToken;
 
@@ -134,19 +136,10 @@ async fn sigkilled_instance_of_two_loses_and_duplicates_nothing() {
 /// first commit of a taken-over partition, as a read_committed reader sees it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn survivors_take_over_a_sigkilled_instances_partitions() {
-    let names = ClusterNames::unique(&bootstrap(), "takeover");
-    names.create_topics().await.unwrap();
-    const VALUES: u64 = 9000;
-    let (dirs, logs) = ([tempdir(), tempdir(), tempdir()], log_dir());
-    let a = Instance::spawn(BINARY, &names, "a", None, dirs[0].path(), &logs);
-    let b = Instance::spawn(BINARY, &names, "b", None, dirs[1].path(), &logs);
-    let c = Instance::spawn(BINARY, &names, "c", None, dirs[2].path(), &logs);
-    let producer = steady_load(&names, VALUES);
-    // Wait until the group has settled with c owning partitions, under load.
-    let owned = c.owned(Duration::from_secs(60)).await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let owned = c.runs().last().cloned().unwrap_or(owned);
-    assert!(!owned.is_empty());
+    let (run, mut instances) = GroupRun::start(BINARY, &bootstrap(), "takeover", 3, 9000).await;
+    let names = run.names.clone();
+    let c = instances.pop().unwrap();
+    let owned = c.runs().last().cloned().unwrap();
     c.kill();
     let killed_at = Instant::now();
     let from = names.changelog_ends().unwrap();
@@ -164,9 +157,8 @@ async fn survivors_take_over_a_sigkilled_instances_partitions() {
          was visible {:?} after the kill (session timeout 6 s)",
         taken - killed_at
     );
-    producer.await.unwrap();
     // The survivors between them now run every partition.
-    let survivors: std::collections::BTreeSet<u32> = [&a, &b]
+    let survivors: std::collections::BTreeSet<u32> = instances
         .iter()
         .filter_map(|i| i.runs().last().cloned())
         .flatten()
@@ -176,7 +168,7 @@ async fn survivors_take_over_a_sigkilled_instances_partitions() {
         (0..statefun_crash_test::cluster::PARTITIONS).collect(),
         "the survivors do not run every partition"
     );
-    finish(&names, VALUES, vec![a, b]).await;
+    run.finish(instances).await;
 }
 
 /// An instance frozen with SIGSTOP (a GC pause, a stalled VM) while its transaction is
@@ -187,16 +179,9 @@ async fn survivors_take_over_a_sigkilled_instances_partitions() {
 /// runs partitions again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_instance_is_fenced_when_resumed_and_rejoins() {
-    let names = ClusterNames::unique(&bootstrap(), "zombie");
-    names.create_topics().await.unwrap();
-    const VALUES: u64 = 9000;
-    let (dirs, logs) = ([tempdir(), tempdir()], log_dir());
-    let a = Instance::spawn(BINARY, &names, "a", None, dirs[0].path(), &logs);
-    let b = Instance::spawn(BINARY, &names, "b", None, dirs[1].path(), &logs);
-    let producer = steady_load(&names, VALUES);
-    a.owned(Duration::from_secs(60)).await;
-    b.owned(Duration::from_secs(60)).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (run, instances) = GroupRun::start(BINARY, &bootstrap(), "zombie", 2, 9000).await;
+    let names = run.names.clone();
+    let [a, b]: [Instance; 2] = instances.try_into().unwrap();
     let a_runs = a.runs().len();
     let owned = a.runs().last().cloned().unwrap();
     a.signal("STOP");
@@ -223,7 +208,6 @@ async fn a_frozen_instance_is_fenced_when_resumed_and_rejoins() {
     );
     let refusals_before = a.refused_commits();
     a.signal("CONT");
-    producer.await.unwrap();
     // The zombie rejoins: it runs partitions again, as a new generation.
     let deadline = Instant::now() + Duration::from_secs(60);
     while !(a.runs().len() > a_runs && a.runs().last().is_some_and(|p| !p.is_empty())) {
@@ -241,7 +225,7 @@ async fn a_frozen_instance_is_fenced_when_resumed_and_rejoins() {
         "no commit of the resumed instance was refused; its log:\n{}",
         a.log_text()
     );
-    finish(&names, VALUES, vec![a, b]).await;
+    run.finish(vec![a, b]).await;
 }
 
 /// An instance SIGKILLed and restarted with the same instance id gets its partitions
@@ -250,22 +234,15 @@ async fn a_frozen_instance_is_fenced_when_resumed_and_rejoins() {
 /// timeout. Prints the restart-to-first-commit time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_restarted_in_place_gets_its_partitions_back_at_once() {
-    let names = ClusterNames::unique(&bootstrap(), "in-place");
-    names.create_topics().await.unwrap();
-    const VALUES: u64 = 6000;
-    let (dirs, logs) = ([tempdir(), tempdir()], log_dir());
-    let a = Instance::spawn(BINARY, &names, "a", None, dirs[0].path(), &logs);
-    let b = Instance::spawn(BINARY, &names, "b", None, dirs[1].path(), &logs);
-    let producer = steady_load(&names, VALUES);
-    a.owned(Duration::from_secs(60)).await;
-    b.owned(Duration::from_secs(60)).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (run, instances) = GroupRun::start(BINARY, &bootstrap(), "in-place", 2, 6000).await;
+    let names = run.names.clone();
+    let [a, b]: [Instance; 2] = instances.try_into().unwrap();
     let owned = a.runs().last().cloned().unwrap();
     let b_runs = b.runs().len();
     a.kill();
     let from = names.changelog_ends().unwrap();
     let restarted_at = Instant::now();
-    let a = Instance::spawn(BINARY, &names, "a", None, dirs[0].path(), &logs);
+    let a = run.spawn(0);
     let taken = {
         let (names, owned) = (names.clone(), owned.clone());
         tokio::task::spawn_blocking(move || names.first_commit_after(&owned, &from, Duration::from_secs(60)))
@@ -290,6 +267,5 @@ async fn an_instance_restarted_in_place_gets_its_partitions_back_at_once() {
         took < Duration::from_secs(6),
         "the restart took {took:?} to commit: longer than the session timeout"
     );
-    producer.await.unwrap();
-    finish(&names, VALUES, vec![a, b]).await;
+    run.finish(vec![a, b]).await;
 }

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The Docker Compose topology (examples/inventory/docker) as plain processes on this
-# machine: a Kafka-protocol broker (the test broker, or BROKERS=host:port), two runtime
+# machine: Apache Kafka (a single-node cluster of its own, `scripts/kafka start --name
+# inventory`, stopped at the end; or your Kafka with BROKERS=host:port), two runtime
 # instances of region north, the load generator, the central analytics consumer, and
 # the invariant check at the end. Exit status 0 = the check passed.
 #
@@ -17,7 +18,7 @@ scripts/reuse-rocksdb cargo build --release --locked -p inventory --bin inventor
 node="$CARGO_TARGET_DIR/release/inventory-node"
 
 if [[ -z "${BROKERS:-}" ]]; then
-  BROKERS="$(scripts/broker start)"
+  BROKERS="$(scripts/kafka start --name inventory)"
   stop_broker=1
 fi
 work="$(mktemp -d)"
@@ -28,7 +29,7 @@ pids=()
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
-  if [[ -n "${stop_broker:-}" ]]; then scripts/broker stop; fi
+  if [[ -n "${stop_broker:-}" ]]; then scripts/kafka stop --name inventory; fi
 }
 trap cleanup EXIT
 

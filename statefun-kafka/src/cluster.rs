@@ -5,8 +5,8 @@
 //! application runs [`KafkaCluster::run`] with the same `application_id`; Kafka's group
 //! protocol is the distributed engine, there is no cluster protocol of our own:
 //! * **Ownership.** A member of group `application_id` subscribes to the internal topic
-//!   `<application_id>-internal` (one partition per runtime partition, cooperative-sticky
-//!   assignment). The internal-topic partitions it is assigned are the runtime
+//!   `<application_id>-internal` (one partition per runtime partition; eager `range`
+//!   assignment with static membership by default, see [`Assignment`]). The internal-topic partitions it is assigned are the runtime
 //!   partitions it runs. The member never reads records; it only holds the assignment.
 //! * **On assignment** the instance stops its runtime (committing the open interval),
 //!   reads the group's offsets of the new partitions with `isolation.level=read_committed`
@@ -123,7 +123,8 @@ pub struct KafkaClusterConfig {
     /// member polls continuously, so only a revocation's final commit counts against
     /// it). Default: 60 s.
     pub rebalance_timeout: Duration,
-    /// How partitions are assigned. Default: [`Assignment::Cooperative`].
+    /// How partitions are assigned. Default: [`Assignment::Eager`] (see
+    /// [`Assignment::Cooperative`] for why not cooperative with static membership).
     pub assignment: Assignment,
     /// How long Kafka calls may block. Default: 30 s.
     pub timeout: Duration,
@@ -217,7 +218,7 @@ impl KafkaClusterConfig {
             dead_letter_topic: None,
             session_timeout: Duration::from_secs(10),
             rebalance_timeout: Duration::from_secs(60),
-            assignment: Assignment::Cooperative,
+            assignment: Assignment::Eager,
             timeout: Duration::from_secs(30),
             replication_factor: None,
             min_insync_replicas: None,
@@ -286,6 +287,16 @@ impl KafkaClusterConfig {
                 i32::MAX
             )));
         }
+        if self.static_membership && self.assignment == Assignment::Cooperative {
+            return Err(ClusterError::Config(
+                "KafkaClusterConfig::assignment is Cooperative with static_membership on: a static \
+                 member killed during a cooperative handover and restarted gets its old assignment \
+                 back without a rebalance, leaving the partitions it was giving up without an owner. \
+                 Use Assignment::Eager (the default) with static membership, or set \
+                 static_membership to false for cooperative assignment"
+                    .to_owned(),
+            ));
+        }
         if let Assignment::Fixed(parts) = &self.assignment
             && let Some(p) = parts.iter().find(|p| p.0 >= self.partitions)
         {
@@ -327,11 +338,20 @@ impl KafkaClusterConfig {
 #[non_exhaustive]
 pub enum Assignment {
     /// The consumer group, `cooperative-sticky`: a rebalance moves only the partitions
-    /// that change owner (the default).
-    #[default]
+    /// that change owner, in two rounds (give up, then hand over).
+    ///
+    /// Refused with static membership (`KafkaClusterConfig::static_membership`): an
+    /// instance killed between the two rounds and restarted within its session timeout
+    /// rejoins as the same static member while the group is stable, so the broker hands
+    /// it its stored assignment without a rebalance, and the partitions it was giving up
+    /// are left without an owner until the membership changes again (seen on Apache
+    /// Kafka 4.1 with the classic group protocol, in the retail application's SIGKILL
+    /// test). Use it with dynamic membership.
     Cooperative,
     /// The consumer group, eager `range` assignment: every rebalance revokes and
-    /// reassigns all partitions.
+    /// reassigns all partitions (the default). A rebalance pauses every partition of the
+    /// instances it changes, but no assignment is ever half done.
+    #[default]
     Eager,
     /// No group: this instance owns exactly these partitions, for deployments that
     /// shard by hand (a fixed set of instances, each configured with its partitions).
@@ -1054,6 +1074,19 @@ mod tests {
         KafkaClusterConfig::new("b:9092", "app", "one", 4, "/tmp/unused")
             .client_property("security.protocol", "SASL_SSL")
             .client_property("heartbeat.interval.ms", "700")
+    }
+
+    #[test]
+    fn cooperative_assignment_with_static_membership_is_refused_and_eager_is_the_default() {
+        let mut c = config();
+        assert_eq!(c.assignment, Assignment::Eager);
+        assert!(c.static_membership);
+        assert!(c.check().is_ok());
+        c.assignment = Assignment::Cooperative;
+        let e = c.check().unwrap_err().to_string();
+        assert!(e.contains("Cooperative") && e.contains("static_membership"), "{e}");
+        c.static_membership = false;
+        assert!(c.check().is_ok(), "cooperative with dynamic membership is fine");
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! `kafka-e2e`: end-to-end throughput and egress visibility latency of Kafka mode, next
 //! to raw librdkafka baselines on the same broker, in the same run.
 //!
-//! Run: `STATEFUN_KAFKA_BOOTSTRAP=127.0.0.1:39092 cargo run --release -p statefun-benches
+//! Run: `STATEFUN_KAFKA_BOOTSTRAP=127.0.0.1:19092 cargo run --release -p statefun-benches
 //! --bin kafka-e2e` (with `scripts/kafka start`), or `make bench-kafka`, which starts
 //! its own Apache Kafka with the JVM's default JIT.
 //!

@@ -141,10 +141,19 @@ pub async fn create_topics(brokers: &str, topics: &Topics, region: &str, partiti
         }
     }
     // Topics that existed must line up with the runtime's partitions: the generator puts
-    // each record in the partition of its address.
+    // each record in the partition of its address. A topic another process is creating
+    // at the same moment (the instances and the generator start together) is
+    // `TopicAlreadyExists` here before the metadata shows it: wait for it.
     let consumer: BaseConsumer = ClientConfig::new().set("bootstrap.servers", brokers).create()?;
     for t in &ingress {
-        let n = partition_count(&consumer, t)?;
+        let deadline = Instant::now() + TIMEOUT;
+        let n = loop {
+            match partition_count(&consumer, t) {
+                Ok(n) => break n,
+                Err(e) if Instant::now() >= deadline => return Err(e),
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        };
         if n != partitions as i32 {
             bail!(
                 "topic {t} has {n} partitions, but region {region} runs {partitions}: use the same --partitions everywhere"
