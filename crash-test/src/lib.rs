@@ -527,6 +527,10 @@ pub struct SoakConfig {
     pub kills: u32,
     /// A kill comes this long after the child started, uniformly in this range (ms).
     pub kill_after_ms: (u64, u64),
+    /// Added to every kill's delay but the first: what a restart after a kill takes
+    /// longer to start than a fresh run (ms). In Kafka mode, `init_transactions` first
+    /// waits for the broker to abort the killed producer's open transaction.
+    pub restart_extra_ms: u64,
     /// Seed of the kill schedule.
     pub kill_seed: u64,
     /// Give up on a child that has not finished after this long.
@@ -632,7 +636,8 @@ pub fn with_kills(cfg: &SoakConfig) -> anyhow::Result<(Outcome, Vec<Kill>)> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.kill_seed);
     let mut kills = Vec::new();
     for _ in 0..cfg.kills {
-        let after_ms = rng.random_range(cfg.kill_after_ms.0..=cfg.kill_after_ms.1);
+        let extra = if kills.is_empty() { 0 } else { cfg.restart_extra_ms };
+        let after_ms = rng.random_range(cfg.kill_after_ms.0..=cfg.kill_after_ms.1) + extra;
         let mut child = spawn(cfg, &run, cfg.kafka.as_ref())?;
         std::thread::sleep(Duration::from_millis(after_ms));
         let had_finished = child.try_wait()?.is_some();

@@ -185,6 +185,8 @@ fn main() -> anyhow::Result<()> {
                 partitions,
                 kills,
                 kill_after_ms: (min_kill_ms, max_kill_ms),
+                // A restart in Kafka mode waits for the broker to abort the killed transaction.
+                restart_extra_ms: if kafka.is_some() { 1000 } else { 0 },
                 kill_seed,
                 timeout: Duration::from_secs(600),
                 kafka: kafka.map(|bootstrap| KafkaArgs {

@@ -15,7 +15,8 @@ use statefun_crash_test::{KafkaArgs, Outcome, SoakConfig, compare, create_egress
 /// Runs the reference and the killed run and compares them; returns the killed run's
 /// outcome. Each kill lands at a random point between 30 and 90 % of the time the
 /// crash-free run took (its speed depends on the machine and the build; the start-up,
-/// longer in Kafka mode, comes first), so that kills hit the work in progress.
+/// longer in Kafka mode, comes first), plus a restart's extra wait in Kafka mode after
+/// the first kill, so that kills hit the work in progress.
 fn soak(kafka: Option<KafkaArgs>, records: u64) -> Outcome {
     let dir = tempfile::tempdir().unwrap();
     let kill_seed = std::time::SystemTime::now()
@@ -35,6 +36,9 @@ fn soak(kafka: Option<KafkaArgs>, records: u64) -> Outcome {
             .and_then(|k| k.parse().ok())
             .unwrap_or(5),
         kill_after_ms: (0, 0),
+        // A restart in Kafka mode first waits for the broker to abort the killed
+        // producer's open transaction (`init_transactions`).
+        restart_extra_ms: if kafka.is_some() { 1000 } else { 0 },
         kill_seed,
         timeout: Duration::from_secs(120),
         kafka,
@@ -72,7 +76,7 @@ fn soak(kafka: Option<KafkaArgs>, records: u64) -> Outcome {
 
 #[test]
 fn sigkilled_runs_end_in_the_same_state_as_a_crash_free_run() {
-    soak(None, 12_000);
+    soak(None, 40_000);
 }
 
 /// Kafka mode: the killed child commits state and egress in Kafka transactions; a kill
@@ -100,7 +104,7 @@ fn sigkilled_kafka_mode_runs_commit_state_and_egress_exactly_once() {
         .unwrap()
         .block_on(create_egress_topic(&kafka))
         .unwrap();
-    let got = soak(Some(kafka), 20_000);
+    let got = soak(Some(kafka), 40_000);
     assert_eq!(
         got.redelivered, 0,
         "an egress record id appeared twice on the read_committed topic"
