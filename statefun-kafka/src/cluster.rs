@@ -391,14 +391,14 @@ pub enum ClusterError {
 
 impl ClusterError {
     /// Whether restarting the instance's clients and restoring its partitions may cure
-    /// it (see [`KafkaCluster::run`]): a state or commit failure of the runtime (the
-    /// changelog's producer left unusable), the broker away at start. Not a
-    /// configuration error, a refused topic or a refused login.
+    /// it (see [`KafkaCluster::run`]): a failed commit (the changelog's transactional
+    /// producer left unusable), the broker away at start. Not a configuration error, a
+    /// refused topic or login, nor a local state error (a disk that refuses writes, a
+    /// state directory another process holds): those end the instance with the error.
     fn cured_by_restart(&self) -> bool {
         match self {
             ClusterError::Kafka(e) => e.is_retriable(),
-            ClusterError::State { .. } => true,
-            ClusterError::Runtime(statefun_runtime::Error::State { .. } | statefun_runtime::Error::Commit(_)) => true,
+            ClusterError::Runtime(statefun_runtime::Error::Commit(_)) => true,
             _ => false,
         }
     }
@@ -525,7 +525,7 @@ impl KafkaCluster {
     /// process restart would: `init_transactions` settles the open transaction and the
     /// partitions are restored from local RocksDB and the changelog. With static
     /// membership it gets its partitions back at once. [`ClusterReport::restarts`]
-    /// counts these. Configuration errors and refused topics end it.
+    /// counts these. Configuration errors, refused topics and local state errors end it.
     pub async fn run(
         config: KafkaClusterConfig,
         configure: impl Fn(RuntimeBuilder) -> RuntimeBuilder,
