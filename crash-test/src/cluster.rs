@@ -184,6 +184,17 @@ impl ClusterNames {
         Ok(out)
     }
 
+    /// A reader of the run's topics at `isolation`: its own group (it commits nothing).
+    fn reader_config(&self, isolation: &str) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", &self.bootstrap)
+            .set("group.id", ClusterNames::unique(&self.bootstrap, &self.app).app)
+            .set("enable.auto.commit", "false")
+            .set("isolation.level", isolation);
+        config
+    }
+
     /// The broker leading each partition of the changelog topic (node ids).
     pub fn changelog_leaders(&self) -> anyhow::Result<Vec<i32>> {
         let client: rdkafka::consumer::BaseConsumer =
@@ -224,11 +235,8 @@ impl ClusterNames {
         timeout: Duration,
     ) -> anyhow::Result<Option<std::time::Instant>> {
         use rdkafka::consumer::BaseConsumer;
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &self.bootstrap)
-            .set("group.id", ClusterNames::unique(&self.bootstrap, &self.app).app)
-            .set("enable.auto.commit", "false")
-            .set("isolation.level", "read_committed")
+        let consumer: BaseConsumer = self
+            .reader_config("read_committed")
             .set("fetch.wait.max.ms", "10")
             .create()?;
         let changelog = format!("{}-changelog", self.app);
@@ -252,12 +260,7 @@ impl ClusterNames {
     /// sees there (diagnostics for a failed run).
     pub fn internal_echo_values(&self, isolation: &str) -> anyhow::Result<BTreeMap<u64, Vec<(i32, i64)>>> {
         use rdkafka::consumer::BaseConsumer;
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &self.bootstrap)
-            .set("group.id", ClusterNames::unique(&self.bootstrap, &self.app).app)
-            .set("enable.auto.commit", "false")
-            .set("isolation.level", isolation)
-            .create()?;
+        let consumer: BaseConsumer = self.reader_config(isolation).create()?;
         let topic = format!("{}-internal", self.app);
         let mut tpl = rdkafka::TopicPartitionList::new();
         for p in 0..PARTITIONS as i32 {
@@ -290,12 +293,9 @@ impl ClusterNames {
     /// and nothing more came for 3 s (so late duplicates are seen), or `timeout`.
     /// Returns the payloads and how many records carried an egress id seen before.
     pub async fn read_egress(&self, n: usize, timeout: Duration) -> anyhow::Result<(Vec<String>, usize)> {
-        let consumer: StreamConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &self.bootstrap)
-            .set("group.id", ClusterNames::unique(&self.bootstrap, &self.app).app)
-            .set("enable.auto.commit", "false")
+        let consumer: StreamConsumer = self
+            .reader_config("read_committed")
             .set("auto.offset.reset", "earliest")
-            .set("isolation.level", "read_committed")
             .create()?;
         consumer.subscribe(&[&self.egress])?;
         let mut out = Vec::new();
