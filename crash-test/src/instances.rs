@@ -91,10 +91,29 @@ impl Instance {
         self.child.wait().unwrap();
     }
 
-    /// Closes stdin (the instance commits and leaves) and checks it exited cleanly.
+    /// Closes stdin (the instance commits and leaves) and checks it exited cleanly
+    /// within [`STOP_TIMEOUT`]. An instance still running then is a failure: its
+    /// threads' stacks (with gdb, where installed) and its log are in the panic, and it
+    /// is SIGKILLed.
     pub fn stop(mut self) {
         drop(self.child.stdin.take());
-        let status = self.child.wait().unwrap();
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() >= deadline {
+                let stacks = stacks(self.child.id());
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!(
+                    "instance {} did not exit within {STOP_TIMEOUT:?} of its stdin closing; its threads:\n{stacks}\nlog:\n{}",
+                    self.name,
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
         assert!(
             status.success(),
             "instance {} failed: {status}; log:\n{}",
@@ -159,6 +178,44 @@ impl Instance {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+}
+
+/// How long an instance may take to commit and leave after its stdin closes.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(60);
+
+impl Drop for Instance {
+    /// An instance left running by a failed test is SIGKILLed, not leaked.
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The stacks of every thread of process `pid`, from gdb where it is installed, else
+/// each thread's name and the kernel function it waits in.
+fn stacks(pid: u32) -> String {
+    let gdb = Command::new("gdb")
+        .args(["-p", &pid.to_string(), "-batch", "-ex", "thread apply all bt 30"])
+        .stdin(Stdio::null())
+        .output();
+    if let Ok(out) = gdb
+        && out.status.success()
+    {
+        return String::from_utf8_lossy(&out.stdout).into_owned();
+    }
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten();
+    tasks
+        .map(|t| {
+            let read = |f: &str| std::fs::read_to_string(t.path().join(f)).unwrap_or_default();
+            format!("{} waits in {}", read("comm").trim(), read("wchan").trim())
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Counts the egress records visible to a read_committed reader right now.

@@ -19,12 +19,17 @@ const CART: TypeName = TypeName::from_static("test/cart");
 const AUDIT: TypeName = TypeName::from_static("test/audit");
 const OUT: TypeName = TypeName::from_static("test/out");
 const ITEMS: ValueSpec<i64> = ValueSpec::named("items");
-const NOTE: ValueSpec<String> = ValueSpec::named("note").expire_after_write(Duration::from_millis(400));
+/// The tick's delay and the note's expiry: long enough that a slow or loaded machine
+/// finishes the steps the test expects to come first (a replacing "add", a state read)
+/// well within them.
+const TICK_DELAY: Duration = Duration::from_secs(1);
+const NOTE_EXPIRY: Duration = Duration::from_secs(1);
+const NOTE: ValueSpec<String> = ValueSpec::named("note").expire_after_write(NOTE_EXPIRY);
 const AUDITED: ValueSpec<i64> = ValueSpec::named("audited");
 
 /// The hosted function. "add:N" adds N items, notes the message, tells the audit
 /// function the new count, writes an egress record and schedules a "tick" to itself in
-/// 50 ms under token "t" (replacing the previous one); "cancel" cancels the tick; "tick"
+/// [`TICK_DELAY`] under token "t" (replacing the previous one); "cancel" cancels the tick; "tick"
 /// writes "tick" to the egress; "wait" blocks until the test adds a permit. Records the
 /// address id and the messages of every batch it runs.
 #[derive(Clone)]
@@ -46,7 +51,7 @@ impl Cart {
             ctx.storage().set(&NOTE, &text)?;
             ctx.send(Address::new(AUDIT, me.id())?, &items)?;
             ctx.send_egress(OUT, &format!("{}={items}", me.id()))?;
-            ctx.send_after_with_token(Duration::from_millis(50), me, &"tick".to_string(), "t")?;
+            ctx.send_after_with_token(TICK_DELAY, me, &"tick".to_string(), "t")?;
         } else if text == "cancel" {
             ctx.cancel_delayed("t");
         } else if text == "tick" {
@@ -165,26 +170,44 @@ async fn state_handshake_effects_and_expiry(via: Via) {
     // The handshake registered both states with their types; the value came back.
     assert_eq!(h.state(&a, &ITEMS).await.unwrap(), Some(2), "{via:?}");
     assert_eq!(h.state(&a, &NOTE).await.unwrap().as_deref(), Some("add:2"));
-    // The next call carries the state: the count continues.
+    // The next call carries the state: the count continues. "add:3" and "cancel" go in
+    // one batch (both arrive while a "wait" request is in flight), so the tick is
+    // scheduled and cancelled by the same commit (a tick that fired before its cancel
+    // arrived would be delivered, as it should be).
+    h.send_value(a.clone(), &"wait".to_string()).await.unwrap();
+    eventually("the wait batch is running", || async {
+        s.cart.batches.lock().unwrap().last().map(|(_, m)| m.clone()) == Some(vec!["wait".to_string()])
+    })
+    .await;
     h.send_value(a.clone(), &"add:3".to_string()).await.unwrap();
     h.send_value(a.clone(), &"cancel".to_string()).await.unwrap();
+    // A state query travels the partition's queue behind the two messages: once it is
+    // answered, both wait in a's mailbox.
+    assert_eq!(h.state(&a, &ITEMS).await.unwrap(), Some(2));
+    s.cart.gate.add_permits(1);
     h.wait_idle().await;
+    let batches = s.cart.batches.lock().unwrap().clone();
+    assert_eq!(
+        batches.last().map(|(_, m)| m.clone()),
+        Some(vec!["add:3".to_string(), "cancel".to_string()]),
+        "{via:?}: {batches:?}"
+    );
     assert_eq!(h.state(&a, &ITEMS).await.unwrap(), Some(5));
     // Messages reached the embedded audit function, egress records the sink.
     let audited = Address::new(AUDIT, "a").unwrap();
     assert_eq!(h.state(&audited, &AUDITED).await.unwrap(), Some(5));
     assert_eq!(egress_texts(&s.running), ["a=2", "a=5"]);
     // The tick was cancelled: none arrives. A new one is scheduled and arrives.
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    tokio::time::sleep(TICK_DELAY + Duration::from_millis(300)).await;
     assert_eq!(egress_texts(&s.running), ["a=2", "a=5"]);
     h.send_value(a.clone(), &"add:1".to_string()).await.unwrap();
     eventually("the delayed tick arrives", || async {
         egress_texts(&s.running).last().map(String::as_str) == Some("a tick")
     })
     .await;
-    // The spec's expiry was registered: the note expires 400 ms after its write, the
-    // count does not.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The spec's expiry was registered: the note expires NOTE_EXPIRY after its write
+    // (when "add:1" ran, TICK_DELAY before the tick), the count does not.
+    tokio::time::sleep(NOTE_EXPIRY).await;
     assert_eq!(h.state(&a, &NOTE).await.unwrap(), None);
     assert_eq!(h.state(&a, &ITEMS).await.unwrap(), Some(6));
     let report = s.running.finish().await;
