@@ -14,7 +14,7 @@
 //! later commits fail), so a zombie can never commit after its successor started.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -216,7 +216,13 @@ impl ProducerContext for Reports {
 /// (module docs).
 pub struct KafkaChangelog {
     config: KafkaChangelogConfig,
-    producer: BaseProducer<Reports>,
+    /// Shared with the thread of a bounded `send_offsets_to_transaction`
+    /// ([`KafkaChangelog::send_offsets_bounded`]).
+    producer: Arc<BaseProducer<Reports>>,
+    /// Set when a librdkafka call did not return in time: the producer is unusable, and
+    /// every later commit fails permanently (a cluster instance then restarts its
+    /// clients).
+    stuck: std::sync::atomic::AtomicBool,
     /// Cluster mode: the group membership that fences this instance's transactions.
     group: Mutex<Option<GroupLink>>,
     /// The producer's `message.max.bytes` (configured, else librdkafka's default).
@@ -373,7 +379,8 @@ impl KafkaChangelog {
             .unwrap_or(1_000_000);
         let changelog = KafkaChangelog {
             config,
-            producer,
+            producer: Arc::new(producer),
+            stuck: std::sync::atomic::AtomicBool::new(false),
             group: Mutex::new(None),
             max_record_bytes,
             reader: Mutex::new(None),
@@ -460,6 +467,45 @@ impl KafkaChangelog {
                 .map_err(|e| state_error("cannot build the offset list", &e))?;
         }
         Ok(Some((tpl, metadata, next)))
+    }
+
+    /// `send_offsets_to_transaction`, bounded on this side by the configured timeout.
+    /// librdkafka ignores that call's timeout while it looks for the group coordinator,
+    /// and blocks for good when the coordinator's broker is gone
+    /// (confluentinc/librdkafka#5456 and #5511, open): seen on the three-broker test
+    /// when the killed broker led the group, holding a commit and the instance's
+    /// shutdown past every deadline. The call runs on a thread of its own; if it has
+    /// not returned in time, the commit fails as transient and the changelog is marked
+    /// stuck (module docs of `commit`). The thread ends when librdkafka returns.
+    fn send_offsets_bounded(
+        &self,
+        offsets: TopicPartitionList,
+        metadata: ConsumerGroupMetadata,
+    ) -> Result<(), StateError> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let producer = Arc::clone(&self.producer);
+        let timeout = self.config.timeout;
+        std::thread::Builder::new()
+            .name("statefun-txn-offsets".into())
+            .spawn(move || {
+                let _ = tx.send(producer.send_offsets_to_transaction(&offsets, &metadata, timeout));
+            })
+            .map_err(|e| StateError::Transient(format!("kafka changelog: cannot start a thread: {e}")))?;
+        // librdkafka's own timeout, and a margin for it to report.
+        match rx.recv_timeout(timeout + Duration::from_secs(5)) {
+            Ok(result) => result.map_err(|e| state_error("cannot add the group's offsets to the transaction", &e)),
+            Err(_) => {
+                self.stuck.store(true, std::sync::atomic::Ordering::SeqCst);
+                tracing::error!(
+                    timeout = ?timeout,
+                    "send_offsets_to_transaction did not return in time (librdkafka#5456: the group \
+                     coordinator is unreachable); this producer is abandoned"
+                );
+                Err(StateError::Transient(format!(
+                    "kafka changelog: send_offsets_to_transaction did not return within {timeout:?}"
+                )))
+            }
+        }
     }
 
     /// Aborts the open transaction. Its records still queued or in flight are purged
@@ -586,9 +632,7 @@ impl KafkaChangelog {
         }
         let mut sent = None;
         if let Some((offsets, metadata, next)) = self.group_offsets(unit)? {
-            self.producer
-                .send_offsets_to_transaction(&offsets, &metadata, self.config.timeout)
-                .map_err(|e| state_error("cannot add the group's offsets to the transaction", &e))?;
+            self.send_offsets_bounded(offsets, metadata)?;
             sent = Some(next);
         }
         // Delivery reports with short polls: `commit_transaction` would flush in
@@ -654,12 +698,24 @@ impl Changelog for KafkaChangelog {
     /// stops, and the next start (`init_transactions`, then the restore) settles it.
     /// Retrying the unit in a new transaction then could duplicate its egress.
     fn commit(&self, unit: &CommitUnit) -> Result<Vec<(PartitionId, i64)>, StateError> {
+        if self.stuck.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(StateError::Permanent(
+                "kafka changelog: the producer is stuck in a librdkafka call (see the earlier error); \
+                 its clients must be restarted"
+                    .to_owned(),
+            ));
+        }
         *self.producer.context().state.lock().expect("deliveries lock") = Deliveries::default();
         self.producer
             .begin_transaction()
             .map_err(|e| permanent("cannot begin a transaction", &e))?;
         let sent = match self.produce(unit) {
             Ok(sent) => sent,
+            // A stuck call leaves nothing to abort with: another transaction API call
+            // would conflict with it. Nothing of the transaction is visible; the next
+            // producer with this transactional id fences it (or the broker's
+            // transaction timeout aborts it).
+            Err(e) if self.stuck.load(std::sync::atomic::Ordering::SeqCst) => return Err(e),
             Err(e) => {
                 if let Err(abort) = self.abort() {
                     return Err(permanent("cannot abort the failed transaction", &abort));

@@ -10,86 +10,14 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
 use statefun_sdk::{Address, TypeName, TypedValue};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::egress::{DeadLetter, DeadLetterReason};
-use crate::runtime::{Envelope, Shared, SubmitError};
-
-/// Where a record came from, for replay and for dead-letter reports.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SourcePosition {
-    /// Topic or source name.
-    pub topic: Arc<str>,
-    /// Source partition.
-    pub partition: i32,
-    /// Offset within the source partition.
-    pub offset: i64,
-}
-
-/// A record from an ingress, shaped like a Kafka record.
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct IngressRecord {
-    /// The record key.
-    pub key: Option<Bytes>,
-    /// The record value.
-    pub value: Option<Bytes>,
-    /// Headers, in order.
-    pub headers: Vec<(String, Bytes)>,
-    /// Timestamp, milliseconds since the Unix epoch.
-    pub timestamp_ms: Option<i64>,
-    /// Source position, when the source has one.
-    pub position: Option<SourcePosition>,
-}
-
-impl IngressRecord {
-    /// A record with a key and a value.
-    pub fn new(key: impl Into<Bytes>, value: impl Into<Bytes>) -> IngressRecord {
-        IngressRecord {
-            key: Some(key.into()),
-            value: Some(value.into()),
-            ..Default::default()
-        }
-    }
-}
-
-/// Where a router sends a record.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Routed {
-    /// The receiving function.
-    pub target: Address,
-    /// The message.
-    pub message: TypedValue,
-    /// The sending function, for a message between functions that travelled through a
-    /// topic ([`MessageRouter`]); `None` for records from the outside.
-    pub caller: Option<Address>,
-    /// More receivers of the same message (StateFun's ingress topics with several
-    /// targets). The record is accepted once: one message per receiver, all in the same
-    /// write as the progress past the record, so a crash delivers to all or to none.
-    pub also: Vec<Address>,
-}
-
-impl Routed {
-    /// `message` for `target`, from outside any function.
-    pub fn new(target: Address, message: TypedValue) -> Routed {
-        Routed {
-            target,
-            message,
-            caller: None,
-            also: Vec::new(),
-        }
-    }
-
-    /// `message` for every address of `targets` (at least one).
-    pub fn to_all(targets: Vec<Address>, message: TypedValue) -> Option<Routed> {
-        let mut targets = targets.into_iter();
-        let mut routed = Routed::new(targets.next()?, message);
-        routed.also = targets.collect();
-        Some(routed)
-    }
-}
+use crate::envelope::Envelope;
+pub use crate::records::{Closed, IngressRecord, RouteError, Routed, SourcePosition};
+use crate::records::{DeadLetter, DeadLetterReason};
+use crate::shared::{Shared, SubmitError};
 
 /// Decodes a message the runtime sent to a partition that runs on another instance
 /// ([`CommitUnit::messages`](crate::state::CommitUnit::messages), cluster mode): its
@@ -119,11 +47,6 @@ impl Router for MessageRouter {
         decode_message(value)
     }
 }
-
-/// Why a record could not be routed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct RouteError(pub String);
 
 /// Turns a record into a target address and a message.
 pub trait Router: Send + Sync + 'static {
@@ -208,11 +131,6 @@ pub enum Error {
     },
 }
 
-/// The runtime is no longer accepting records.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("runtime is shutting down")]
-pub struct Closed;
-
 /// Hands routed records to the partitions. Cheap to clone.
 #[derive(Clone)]
 pub struct IngressSink {
@@ -233,7 +151,7 @@ struct Delivered {
     /// Highest offset delivered (routed or dead-lettered).
     max: Option<u64>,
     /// Per runtime partition: (first, last) offset sent to it in this run.
-    sent: std::collections::HashMap<crate::PartitionId, (u64, u64)>,
+    sent: std::collections::HashMap<crate::partitioner::PartitionId, (u64, u64)>,
 }
 
 impl std::fmt::Debug for IngressSink {
@@ -325,7 +243,7 @@ impl IngressSink {
         &self,
         record: IngressRecord,
         position: Option<(Arc<str>, u64)>,
-    ) -> Result<Option<crate::PartitionId>, Closed> {
+    ) -> Result<Option<crate::partitioner::PartitionId>, Closed> {
         let routed = match self.router.route(&record) {
             Ok(r) => r,
             Err(e) => {
@@ -450,10 +368,12 @@ impl IngressSink {
             return Ok(None);
         }
         let source = source_name(topic, partition);
-        let acceptors: Vec<crate::PartitionId> = if self.shared.cluster {
+        let acceptors: Vec<crate::partitioner::PartitionId> = if self.shared.cluster {
             vec![self.shared.source_acceptor(partition)]
         } else {
-            (0..self.shared.config.partitions).map(crate::PartitionId).collect()
+            (0..self.shared.config.partitions)
+                .map(crate::partitioner::PartitionId)
+                .collect()
         };
         let mut min: Option<u64> = None;
         for p in acceptors {
@@ -679,6 +599,7 @@ impl Ingress for GeneratorIngress {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
 
     const T: TypeName = TypeName::from_static("t/f");
     const V: TypeName = TypeName::from_static("t/v");

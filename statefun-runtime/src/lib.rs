@@ -63,29 +63,44 @@
 //! See `docs/architecture.md` for the design and `docs/guarantees.md` for what is
 //! promised.
 
+// The module layers, bottom up (`docs/architecture.md`, "Module layers"; checked by
+// `scripts/check-layers.sh`): a module imports only from its own layer's lower
+// neighbours or from layers below it.
+//
+// 0. plain data: configuration, ids, metric names, the envelope, records, statistics
 pub mod config;
-pub mod egress;
-pub mod ingress;
+mod envelope;
 pub mod metrics;
-mod partition;
 pub mod partitioner;
-mod runtime;
+pub mod records;
+mod stats;
+// 1. state, timers and the egress sinks
+pub mod egress;
 pub mod state;
 mod timers;
+// 2. the errors users see, and the shared context
+mod errors;
+mod shared;
+// 3. the partition and the ingress
+pub mod ingress;
+mod partition;
+// 4. the runtime: builder, run loop, handle
+mod runtime;
 
 pub use config::{RetryConfig, RuntimeConfig};
 pub use egress::{
     ChannelEgress, CollectingDeadLetters, CollectingEgress, DeadLetter, DeadLetterReason, EgressRecord,
     LoggingDeadLetters,
 };
+pub use errors::{Error, QueryError, SendError};
 pub use ingress::{
     GeneratorIngress, IngressRecord, IngressSink, KeyRouter, MemoryIngress, MemoryIngressSender, MessageRouter, Routed,
     SourcePosition, VecIngress, decode_message,
 };
-pub use partition::PartitionStats;
 pub use partitioner::{PartitionId, partition_for};
-pub use runtime::{Error, QueryError, RunReport, Runtime, RuntimeBuilder, RuntimeHandle, SendError};
+pub use runtime::{Runtime, RuntimeBuilder, RuntimeHandle};
 pub use state::MemoryBackend;
+pub use stats::{PartitionStats, RunReport};
 
 /// The types an embedding program needs, in one import.
 pub mod prelude {

@@ -33,16 +33,19 @@ use statefun_sdk::{
     Address, BatchError, Context, DelayedEffect, Effects, EgressMessage, Expiration, Invocation, StateSpec,
     StatefulFunction, TypeName, TypedValue,
 };
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::egress::{DEAD_LETTERS, DeadLetter, DeadLetterReason, EgressId, EgressRecord};
+use crate::envelope::Envelope;
+use crate::errors::QueryError;
 use crate::metrics;
 use crate::partitioner::PartitionId;
-use crate::runtime::{Envelope, QueryError, Shared};
+use crate::records::{DEAD_LETTERS, DeadLetter, DeadLetterReason, EgressId, EgressRecord};
+use crate::shared::{Control, Inbound, Shared};
 use crate::state::entries::{self, StoredTimer};
 use crate::state::{self, LogKey, LogKind, LogOp, PartitionStore, StoredValue, WriteBatch, WriteOp};
+use crate::stats::PartitionStats;
 use crate::timers::{Timer, Timers};
 
 /// How many queued items one loop turn takes from a channel before looking elsewhere.
@@ -50,54 +53,6 @@ const BUDGET: usize = 256;
 
 /// Longest single sleep of the partition loop while waiting for a timer.
 const MAX_SLEEP: std::time::Duration = std::time::Duration::from_secs(3600);
-
-/// Requests answered by the partition between invocations.
-pub(crate) enum Control {
-    GetState {
-        address: Address,
-        name: String,
-        reply: oneshot::Sender<Result<Option<Bytes>, QueryError>>,
-    },
-    Unpark {
-        address: Address,
-        reply: oneshot::Sender<bool>,
-    },
-    Parked {
-        reply: oneshot::Sender<Vec<(Address, String)>>,
-    },
-    Stats {
-        reply: oneshot::Sender<PartitionStats>,
-    },
-}
-
-pub(crate) enum Inbound {
-    Message(Envelope),
-    Control(Control),
-}
-
-/// Counters of one partition.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct PartitionStats {
-    /// The partition.
-    pub partition: PartitionId,
-    /// Messages processed successfully.
-    pub invocations: u64,
-    /// Invocation batches started (a batch holds one or more messages of one address).
-    pub batches: u64,
-    /// Failed invocation attempts.
-    pub failures: u64,
-    /// Messages dead-lettered by this partition.
-    pub dead_letters: u64,
-    /// Addresses parked now.
-    pub parked: usize,
-    /// Addresses with queued or in-flight messages now.
-    pub active_addresses: usize,
-    /// Messages queued or in flight now.
-    pub buffered: usize,
-    /// Delayed messages waiting now.
-    pub pending_delayed: usize,
-}
 
 /// A registered function as one partition holds it. The `Arc`s are the partition's own
 /// (not shared with other partitions), so cloning them per batch touches no cache line

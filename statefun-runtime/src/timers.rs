@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, HashMap};
 use statefun_sdk::Address;
 use tokio::time::Instant;
 
-use crate::runtime::Envelope;
+use crate::envelope::Envelope;
 use crate::state::LogKey;
 
 type Key = (Instant, u64);

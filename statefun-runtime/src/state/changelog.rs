@@ -34,8 +34,8 @@ use statefun_sdk::{Address, TypeName};
 
 use super::rocksdb::{RawOp, decode_log_key, decode_u64, decode_value, encode_batch, log_kind_byte};
 use super::{Error, LogKey, LogKind, PartitionStore, RocksDbBackend, StateBackend, StoredValue, WriteBatch, keys};
-use crate::egress::{EgressId, EgressRecord};
 use crate::partitioner::PartitionId;
+use crate::records::{EgressId, EgressRecord};
 
 /// Raw changes of one partition: the latest value per key (`None`: deleted), in no
 /// particular order. A hash map: every write of a partition goes through it twice (into

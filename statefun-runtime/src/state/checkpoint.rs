@@ -178,7 +178,7 @@ pub(crate) fn create(db: &rocksdb::DB, root: &Path, retain: usize) -> Result<Che
         // Progress markers sort after state keys; partitions are found by seeking.
         let mut p: u32 = 0;
         loop {
-            let prefix = keys::partition_prefix(keys::KIND_STATE, crate::PartitionId(p));
+            let prefix = keys::partition_prefix(keys::KIND_STATE, crate::partitioner::PartitionId(p));
             let mut it = snapshot.iterator(rocksdb::IteratorMode::From(&prefix, rocksdb::Direction::Forward));
             let Some(Ok((k, _))) = it.next() else { break };
             match keys::decode(&k) {

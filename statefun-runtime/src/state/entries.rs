@@ -11,8 +11,8 @@ use bytes::{BufMut, Bytes, BytesMut};
 use prost::Message;
 use statefun_sdk::{Address, TypeName, TypedValue};
 
-use crate::egress::EgressRecord;
-use crate::runtime::Envelope;
+use crate::envelope::Envelope;
+use crate::records::EgressRecord;
 
 const ENTRY_FORMAT: u8 = 1;
 

@@ -52,30 +52,7 @@ pub fn is_log_key(key: &[u8]) -> bool {
     matches!(key, [FORMAT_VERSION, KIND_INBOX | KIND_TIMER | KIND_EGRESS, ..])
 }
 
-/// The key of a durable log entry within its partition: inbox messages, pending timers
-/// and egress records. Ordered as the entries are read back on recovery.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum LogKey {
-    /// A message in the inbox, written by partition `sender` under its sequence `seq`.
-    Inbox {
-        /// The partition that wrote it.
-        sender: PartitionId,
-        /// The writer's sequence number.
-        seq: u64,
-    },
-    /// A delayed message due at `due_ms` (runtime clock, milliseconds since the epoch).
-    Timer {
-        /// When it is due.
-        due_ms: u64,
-        /// The owner's sequence number (unique per partition).
-        seq: u64,
-    },
-    /// An egress record, in production order.
-    Egress {
-        /// The producing partition's sequence number.
-        seq: u64,
-    },
-}
+pub use crate::records::LogKey;
 
 impl LogKey {
     /// The kind byte of this entry.
