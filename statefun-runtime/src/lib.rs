@@ -71,6 +71,8 @@ mod partition;
 pub mod partitioner;
 mod runtime;
 pub mod state;
+#[cfg(feature = "test-util")]
+pub mod testkit;
 mod timers;
 
 pub use config::{RetryConfig, RuntimeConfig};
