@@ -115,7 +115,7 @@ async fn an_https_function_is_reached_with_its_ca_trusted_and_refused_without() 
     assert_eq!(parked.len(), 1, "{parked:?}");
     assert_eq!(parked[0].0.type_name(), &STRICT);
     assert!(parked[0].1.contains("certificate"), "{}", parked[0].1);
-    r.finish().await;
+    r.stop().await;
 }
 
 #[test]

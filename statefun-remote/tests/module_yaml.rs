@@ -97,6 +97,6 @@ spec:
     let mut seen = paths.lock().unwrap().clone();
     seen.dedup();
     assert_eq!(seen, ["/fn/cart", "/fn/loyalty"], "each type at its own URL");
-    let report = r.finish().await;
+    let report = r.stop().await;
     assert_eq!(report.partitions.iter().map(|p| p.failures).sum::<u64>(), 0);
 }

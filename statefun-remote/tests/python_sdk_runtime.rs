@@ -89,7 +89,7 @@ async fn a_python_sdk_function_runs_unchanged_against_the_runtime() {
     h.wait_idle().await;
     assert!(h.parked().await.unwrap().is_empty());
     assert!(r.dead.letters().is_empty());
-    let report = r.finish().await;
+    let report = r.stop().await;
     assert_eq!(report.partitions.iter().map(|p| p.failures).sum::<u64>(), 0);
     assert!(report.invocations() >= 6, "3 greetings, 3 prints");
 }

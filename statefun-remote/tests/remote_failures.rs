@@ -20,6 +20,7 @@ use common::start;
 use prost::Message as _;
 use statefun_remote::{HttpTransport, RemoteOptions};
 use statefun_runtime::DeadLetterReason;
+use statefun_runtime::testkit::eventually;
 use statefun_sdk::StatefulFunction;
 use statefun_sdk::prelude::*;
 use statefun_sdk::protocol::reqreply::{FromFunction, ToFunction, from_function, to_function};
@@ -132,7 +133,7 @@ async fn failing_remote_calls_park_only_their_address_and_dead_letter_its_messag
         .unwrap();
     // While "silent" hangs, other addresses of the same type are served.
     h.send_value(at("ok"), &1i64).await.unwrap();
-    common::eventually("ok is served while silent hangs", || async {
+    eventually("ok is served while silent hangs", || async {
         h.state_raw(&at("ok"), "count").await.ok().flatten().is_some()
     })
     .await;
@@ -190,6 +191,6 @@ async fn failing_remote_calls_park_only_their_address_and_dead_letter_its_messag
     assert!(parked["test/remote/silent"].contains(&format!("http://127.0.0.1:{port}/f")));
 
     // Two failed attempts for each parked address, none for the others.
-    let report = r.finish().await;
+    let report = r.stop().await;
     assert_eq!(report.partitions.iter().map(|p| p.failures).sum::<u64>(), 10);
 }

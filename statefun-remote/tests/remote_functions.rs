@@ -8,8 +8,9 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{Running, eventually, start_with};
+use common::start_with;
 use statefun_remote::{GrpcTransport, HttpTransport, RemoteOptions};
+use statefun_runtime::testkit::{Running, eventually};
 use statefun_sdk::prelude::*;
 use statefun_sdk::remote::RemoteServer;
 use statefun_sdk::{BatchError, Invocation, StatefulFunction};
@@ -210,7 +211,7 @@ async fn state_handshake_effects_and_expiry(via: Via) {
     tokio::time::sleep(NOTE_EXPIRY).await;
     assert_eq!(h.state(&a, &NOTE).await.unwrap(), None);
     assert_eq!(h.state(&a, &ITEMS).await.unwrap(), Some(6));
-    let report = s.running.finish().await;
+    let report = s.running.stop().await;
     assert_eq!(report.partitions.iter().map(|p| p.failures).sum::<u64>(), 0);
 }
 
@@ -262,7 +263,7 @@ async fn batching_while_in_flight(via: Via) {
         [vec!["wait".to_string()], vec!["add:1".to_string(); 5]],
         "{via:?}"
     );
-    s.running.finish().await;
+    s.running.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -294,7 +295,7 @@ async fn a_failing_function_parks_its_address_without_transport_retries(via: Via
     );
     assert!(parked[0].1.contains("after 1 attempt(s)"), "{}", parked[0].1);
     assert_eq!(s.running.dead.letters().len(), 1);
-    s.running.finish().await;
+    s.running.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -77,6 +77,8 @@ mod stats;
 // 1. state, timers and the egress sinks
 pub mod egress;
 pub mod state;
+#[cfg(feature = "test-util")]
+pub mod testkit;
 mod timers;
 // 2. the errors users see, and the shared context
 mod errors;

@@ -8,11 +8,12 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
+use statefun_runtime::PartitionId;
 use statefun_runtime::state::checkpoint;
 use statefun_runtime::state::{
     PartitionStore, RocksDbBackend, RocksDbOptions, StateBackend, StoredValue, WriteBatch, WriteOp,
 };
-use statefun_runtime::{PartitionId, Runtime, RuntimeConfig};
+use statefun_runtime::testkit;
 use statefun_sdk::prelude::*;
 
 const T: TypeName = TypeName::from_static("test/ckpt");
@@ -151,18 +152,8 @@ async fn run_once(db: &std::path::Path, root: &std::path::Path, sends: i64) -> (
         .build()
         .unwrap();
     let backend = RocksDbBackend::open(db, opts(root, 3)).unwrap();
-    let runtime = Runtime::builder()
-        .config(RuntimeConfig {
-            partitions: 4,
-            ..Default::default()
-        })
-        .module(module)
-        .state_backend(backend)
-        .build()
-        .unwrap();
-    let h = runtime.handle();
-    let stop = tokio_util::sync::CancellationToken::new();
-    let running = tokio::spawn(runtime.run(stop.clone().cancelled_owned()));
+    let r = testkit::runtime(module).partitions(4).backend(backend).start();
+    let h = &r.handle;
     let a = Address::new(T, "a").unwrap();
     for _ in 0..sends {
         h.send_value(a.clone(), &1i64).await.unwrap();
@@ -170,8 +161,7 @@ async fn run_once(db: &std::path::Path, root: &std::path::Path, sends: i64) -> (
     h.wait_idle().await;
     let ckpt = h.checkpoint().await.unwrap().map(|c| c.id);
     let n = h.state(&a, &COUNT).await.unwrap().unwrap_or(0);
-    stop.cancel();
-    running.await.unwrap().unwrap();
+    r.stop().await;
     (n, ckpt)
 }
 

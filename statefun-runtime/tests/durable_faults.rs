@@ -13,9 +13,9 @@ use bytes::Bytes;
 use statefun_runtime::state::{
     Error, LogKey, LogKind, PartitionStore, RocksDbBackend, RocksDbOptions, StateBackend, StoredValue, WriteBatch,
 };
-use statefun_runtime::{GeneratorIngress, IngressRecord, KeyRouter, PartitionId, Runtime, RuntimeConfig};
+use statefun_runtime::testkit::{self, eventually};
+use statefun_runtime::{GeneratorIngress, IngressRecord, KeyRouter, PartitionId, RuntimeConfig, RuntimeHandle};
 use statefun_sdk::prelude::*;
-use tokio_util::sync::CancellationToken;
 
 mod common;
 use common::{COUNTER, SEEN, counter_module};
@@ -98,7 +98,7 @@ async fn run(dir: &std::path::Path, count: u64, partitions: u32, faults: Faults)
     let generator = GeneratorIngress::new("gen", 3, count, |_, offset| {
         IngressRecord::new(format!("k{}", offset % KEYS), offset.to_string())
     });
-    let runtime = Runtime::builder()
+    let r = testkit::runtime(counter_module())
         .config(RuntimeConfig {
             partitions,
             retry: statefun_runtime::RetryConfig {
@@ -108,32 +108,28 @@ async fn run(dir: &std::path::Path, count: u64, partitions: u32, faults: Faults)
             },
             ..Default::default()
         })
-        .module(counter_module())
-        .state_backend(backend)
+        .backend(backend)
         .ingress(generator, KeyRouter::new(COUNTER, RECORD))
-        .build()
-        .unwrap();
-    let h = runtime.handle();
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(runtime.run(stop.clone().cancelled_owned()));
-    let total = |h: statefun_runtime::RuntimeHandle| async move {
-        let mut sum = 0;
-        for k in 0..KEYS {
-            let a = Address::new(COUNTER, format!("k{k}")).unwrap();
-            sum += h.state(&a, &SEEN).await.unwrap().unwrap_or(0);
-        }
-        sum
-    };
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while total(h.clone()).await < count as i64 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    tokio::time::timeout(Duration::from_secs(10), h.wait_idle())
+        .start();
+    eventually(&format!("{count} records counted"), || async {
+        total(&r.handle).await >= count as i64
+    })
+    .await;
+    tokio::time::timeout(Duration::from_secs(10), r.handle.wait_idle())
         .await
         .expect("the runtime becomes idle: nothing is left counted as outstanding");
-    let sum = total(h.clone()).await;
-    stop.cancel();
-    assert!(task.await.unwrap().unwrap().drained);
+    let sum = total(&r.handle).await;
+    assert!(r.stop().await.drained);
+    sum
+}
+
+/// The total counted over all keys.
+async fn total(h: &RuntimeHandle) -> i64 {
+    let mut sum = 0;
+    for k in 0..KEYS {
+        let a = Address::new(COUNTER, format!("k{k}")).unwrap();
+        sum += h.state(&a, &SEEN).await.unwrap().unwrap_or(0);
+    }
     sum
 }
 

@@ -13,9 +13,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use statefun_runtime::state::{RocksDbBackend, RocksDbOptions};
-use statefun_runtime::{GeneratorIngress, IngressRecord, KeyRouter, Runtime, RuntimeConfig, RuntimeHandle};
+use statefun_runtime::testkit::{self, Running, eventually};
+use statefun_runtime::{GeneratorIngress, IngressRecord, KeyRouter, RuntimeConfig, RuntimeHandle};
 use statefun_sdk::prelude::*;
-use tokio_util::sync::CancellationToken;
 
 mod common;
 use common::{COUNTER, FIRED, LAST, SEEN, TIMER, counter_module, timer_fn};
@@ -24,33 +24,10 @@ fn at(id: &str) -> Address {
     Address::new(TIMER, id).unwrap()
 }
 
-struct Running {
-    handle: RuntimeHandle,
-    stop: CancellationToken,
-    task: tokio::task::JoinHandle<Result<statefun_runtime::RunReport, statefun_runtime::Error>>,
-}
-
-impl Running {
-    async fn stop(self) -> statefun_runtime::RunReport {
-        self.stop.cancel();
-        let report = self.task.await.unwrap().unwrap();
-        drop(self.handle);
-        report
-    }
-}
-
+/// Starts `module` on a RocksDB backend in `dir`.
 fn start(dir: &std::path::Path, module: Module, config: RuntimeConfig) -> Running {
     let backend = RocksDbBackend::open(dir, RocksDbOptions::default()).unwrap();
-    let runtime = Runtime::builder()
-        .config(config)
-        .module(module)
-        .state_backend(backend)
-        .build()
-        .unwrap();
-    let handle = runtime.handle();
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(runtime.run(stop.clone().cancelled_owned()));
-    Running { handle, stop, task }
+    testkit::runtime(module).config(config).backend(backend).start()
 }
 
 fn timer_module() -> Module {
@@ -183,24 +160,20 @@ async fn a_replayable_source_is_counted_once_across_restarts() {
     };
     for (count, expected) in [(100u64, 100i64), (150, 150), (150, 150)] {
         let backend = RocksDbBackend::open(dir.path(), RocksDbOptions::default()).unwrap();
-        let runtime = Runtime::builder()
+        let r = testkit::runtime(counter_module())
             .config(four_partitions())
-            .module(counter_module())
-            .state_backend(backend)
+            .backend(backend)
             .ingress(generator(count), KeyRouter::new(COUNTER, RECORD))
-            .build()
-            .unwrap();
-        let handle = runtime.handle();
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(runtime.run(stop.clone().cancelled_owned()));
-        while total(handle.clone()).await < expected {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        handle.wait_idle().await;
+            .start();
+        eventually(&format!("{expected} records counted"), || {
+            let h = r.handle.clone();
+            async move { total(h).await >= expected }
+        })
+        .await;
+        r.handle.wait_idle().await;
         tokio::time::sleep(Duration::from_millis(50)).await;
-        assert_eq!(total(handle.clone()).await, expected, "each record counted once");
-        stop.cancel();
-        task.await.unwrap().unwrap();
+        assert_eq!(total(r.handle.clone()).await, expected, "each record counted once");
+        r.stop().await;
     }
 }
 
@@ -272,10 +245,8 @@ async fn an_expiry_notice_is_delivered_once_with_the_last_value_even_across_a_re
 
 #[tokio::test(start_paused = true)]
 async fn an_expiry_notice_works_on_the_in_memory_backend_and_a_delete_cancels_it() {
-    let runtime = Runtime::builder().module(cart_module()).build().unwrap();
-    let h = runtime.handle();
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(runtime.run(stop.clone().cancelled_owned()));
+    let r = testkit::runtime(cart_module()).start();
+    let h = &r.handle;
     let kept = Address::new(CART, "kept").unwrap();
     let cleared = Address::new(CART, "cleared").unwrap();
     h.send_value(kept.clone(), &"x".to_string()).await.unwrap();
@@ -288,18 +259,15 @@ async fn an_expiry_notice_works_on_the_in_memory_backend_and_a_delete_cancels_it
     assert_eq!(h.state(&cleared, &RELEASED).await.unwrap(), None, "deleted: no notice");
     let pending: usize = h.stats().await.unwrap().iter().map(|s| s.pending_delayed).sum();
     assert_eq!(pending, 0);
-    stop.cancel();
-    task.await.unwrap().unwrap();
+    r.stop().await;
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_message_arriving_after_the_deadline_gets_the_expiry_notice_delivered_first() {
     // The notice's timer and a message become ready in the same loop turn: the message
     // must not overwrite the expired value before its notice is delivered.
-    let runtime = Runtime::builder().module(cart_module()).build().unwrap();
-    let h = runtime.handle();
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(runtime.run(stop.clone().cancelled_owned()));
+    let r = testkit::runtime(cart_module()).start();
+    let h = &r.handle;
     let c = Address::new(CART, "late").unwrap();
     h.send_value(c.clone(), &"a".to_string()).await.unwrap();
     h.wait_idle().await;
@@ -310,8 +278,7 @@ async fn a_message_arriving_after_the_deadline_gets_the_expiry_notice_delivered_
     h.wait_idle().await;
     assert_eq!(h.state(&c, &RELEASED).await.unwrap().as_deref(), Some("[a]"));
     assert_eq!(h.state(&c, &BASKET).await.unwrap().as_deref(), Some("b"));
-    stop.cancel();
-    task.await.unwrap().unwrap();
+    r.stop().await;
 }
 
 #[tokio::test]
@@ -327,19 +294,16 @@ async fn the_same_backend_value_can_serve_several_runs_without_reusing_log_keys(
         ..Default::default()
     };
     for id in ["a", "b"] {
-        let runtime = Runtime::builder()
+        let r = testkit::runtime(stuck_module(true))
             .config(config.clone())
-            .module(stuck_module(true))
-            .state_backend(backend.clone())
-            .build()
+            .backend(backend.clone())
+            .start();
+        r.handle
+            .send_value(Address::new(STUCK, id).unwrap(), &1i64)
+            .await
             .unwrap();
-        let h = runtime.handle();
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(runtime.run(stop.clone().cancelled_owned()));
-        h.send_value(Address::new(STUCK, id).unwrap(), &1i64).await.unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
-        stop.cancel();
-        assert!(!task.await.unwrap().unwrap().drained);
+        assert!(!r.stop().await.drained);
     }
     drop(backend);
 

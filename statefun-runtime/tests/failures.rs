@@ -1,18 +1,20 @@
 //! Bad input and failing functions: retries with backoff, then only the failing address
 //! is parked and its messages are dead-lettered with the error, while every other
 //! address keeps flowing. Also: panics, transient failures, unknown function types,
-//! unknown egress ids, unroutable ingress records, unparking.
+//! unknown egress ids, unroutable ingress records, unparking; and a message that fails
+//! inside a batch (behind messages that succeeded) gets exactly `max_attempts`
+//! attempts, with backoff, like any other, with the batch hook or without.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use statefun_runtime::config::RetryConfig;
+use statefun_runtime::testkit::{self, Running};
 use statefun_runtime::{
-    CollectingDeadLetters, CollectingEgress, DeadLetterReason, IngressRecord, KeyRouter, Runtime, RuntimeConfig,
-    RuntimeHandle, SendError, VecIngress,
+    DeadLetterReason, IngressRecord, KeyRouter, RuntimeConfig, RuntimeHandle, SendError, VecIngress,
 };
 use statefun_sdk::prelude::*;
-use tokio_util::sync::CancellationToken;
+use tokio::sync::Semaphore;
 
 const FLAKY: TypeName = TypeName::from_static("test/flaky");
 const COUNT: ValueSpec<i64> = ValueSpec::named("count");
@@ -48,15 +50,9 @@ impl StatefulFunction for Flaky {
     }
 }
 
-struct Fixture {
-    h: RuntimeHandle,
-    dead: CollectingDeadLetters,
-    out: CollectingEgress,
-    twice_attempts: Arc<AtomicU32>,
-    _stop: tokio_util::sync::DropGuard,
-}
-
-fn start(records: Vec<IngressRecord>) -> Fixture {
+/// Starts a [`Flaky`] function on 3 partitions (3 attempts per message) with `records`
+/// in its ingress; returns its count of attempts for id "twice".
+fn start(records: Vec<IngressRecord>) -> (Running, Arc<AtomicU32>) {
     let twice_attempts = Arc::new(AtomicU32::new(0));
     let module = Module::builder()
         .with_function(
@@ -67,9 +63,7 @@ fn start(records: Vec<IngressRecord>) -> Fixture {
         )
         .build()
         .unwrap();
-    let dead = CollectingDeadLetters::new();
-    let out = CollectingEgress::new();
-    let runtime = Runtime::builder()
+    let running = testkit::runtime(module)
         .config(RuntimeConfig {
             partitions: 3,
             retry: RetryConfig {
@@ -79,25 +73,13 @@ fn start(records: Vec<IngressRecord>) -> Fixture {
             },
             ..Default::default()
         })
-        .module(module)
-        .egress(OUT, out.clone())
-        .dead_letters(dead.clone())
+        .egress(OUT)
         .ingress(
             VecIngress::new("test-ingress", records),
             KeyRouter::new(FLAKY, statefun_sdk::value::builtin::STRING),
         )
-        .build()
-        .unwrap();
-    let h = runtime.handle();
-    let stop = CancellationToken::new();
-    tokio::spawn(runtime.run(stop.clone().cancelled_owned()));
-    Fixture {
-        h,
-        dead,
-        out,
-        twice_attempts,
-        _stop: stop.drop_guard(),
-    }
+        .start();
+    (running, twice_attempts)
 }
 
 fn at(id: &str) -> Address {
@@ -110,18 +92,18 @@ async fn send(h: &RuntimeHandle, id: &str, cmd: &str) {
 
 #[tokio::test(start_paused = true)]
 async fn a_failing_address_is_parked_after_its_retries_and_others_keep_flowing() {
-    let f = start(vec![]);
-    send(&f.h, "bad", "m1").await;
-    send(&f.h, "bad", "m2").await;
+    let (f, _) = start(vec![]);
+    send(&f.handle, "bad", "m1").await;
+    send(&f.handle, "bad", "m2").await;
     for _ in 0..5 {
-        send(&f.h, "good", "x").await;
+        send(&f.handle, "good", "x").await;
     }
-    f.h.wait_idle().await;
+    f.handle.wait_idle().await;
 
-    assert_eq!(f.h.state(&at("good"), &COUNT).await.unwrap(), Some(5));
-    assert_eq!(f.out.records().len(), 5, "every good message reached the egress");
+    assert_eq!(f.handle.state(&at("good"), &COUNT).await.unwrap(), Some(5));
+    assert_eq!(f.egress.records().len(), 5, "every good message reached the egress");
     // The failing invocations' state writes were discarded.
-    assert_eq!(f.h.state(&at("bad"), &COUNT).await.unwrap(), None);
+    assert_eq!(f.handle.state(&at("bad"), &COUNT).await.unwrap(), None);
 
     let dead = f.dead.letters();
     assert_eq!(dead.len(), 2, "{dead:?}");
@@ -137,60 +119,63 @@ async fn a_failing_address_is_parked_after_its_retries_and_others_keep_flowing()
     assert!(matches!(dead[1].reason, DeadLetterReason::AddressParked { .. }));
     assert_eq!(dead[1].message.as_ref().unwrap().decode::<String>().unwrap(), "m2");
 
-    let parked = f.h.parked().await.unwrap();
+    let parked = f.handle.parked().await.unwrap();
     assert_eq!(parked.len(), 1);
     assert_eq!(parked[0].0, at("bad"));
 
     // Later messages to the parked address go straight to the dead letters.
-    send(&f.h, "bad", "m3").await;
-    f.h.wait_idle().await;
+    send(&f.handle, "bad", "m3").await;
+    f.handle.wait_idle().await;
     assert!(matches!(
         f.dead.letters()[2].reason,
         DeadLetterReason::AddressParked { .. }
     ));
-    let stats = f.h.stats().await.unwrap();
+    let stats = f.handle.stats().await.unwrap();
     assert_eq!(stats.iter().map(|s| s.failures).sum::<u64>(), 3);
     assert_eq!(stats.iter().map(|s| s.parked).sum::<usize>(), 1);
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_panicking_function_is_treated_as_a_failure_not_a_crash() {
-    let f = start(vec![]);
-    send(&f.h, "panic", "p").await;
-    send(&f.h, "good", "x").await;
-    f.h.wait_idle().await;
+    let (f, _) = start(vec![]);
+    send(&f.handle, "panic", "p").await;
+    send(&f.handle, "good", "x").await;
+    f.handle.wait_idle().await;
     let dead = f.dead.letters();
     assert_eq!(dead.len(), 1);
     match &dead[0].reason {
         DeadLetterReason::FunctionFailed { error, .. } => assert!(error.contains("boom on p"), "{error}"),
         other => panic!("unexpected reason {other:?}"),
     }
-    assert_eq!(f.h.state(&at("good"), &COUNT).await.unwrap(), Some(1));
+    assert_eq!(f.handle.state(&at("good"), &COUNT).await.unwrap(), Some(1));
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_transient_failure_is_retried_and_applied_exactly_once() {
-    let f = start(vec![]);
-    send(&f.h, "twice", "a").await;
-    send(&f.h, "twice", "b").await;
-    f.h.wait_idle().await;
+    let (f, twice_attempts) = start(vec![]);
+    send(&f.handle, "twice", "a").await;
+    send(&f.handle, "twice", "b").await;
+    f.handle.wait_idle().await;
     assert!(f.dead.letters().is_empty());
-    assert_eq!(f.twice_attempts.load(Ordering::SeqCst), 4, "2 failures, then a and b");
-    assert_eq!(f.h.state(&at("twice"), &COUNT).await.unwrap(), Some(2));
-    let egress: Vec<i64> = f.out.records().iter().map(|r| r.message.decode().unwrap()).collect();
+    assert_eq!(twice_attempts.load(Ordering::SeqCst), 4, "2 failures, then a and b");
+    assert_eq!(f.handle.state(&at("twice"), &COUNT).await.unwrap(), Some(2));
+    let egress: Vec<i64> = f.egress.records().iter().map(|r| r.message.decode().unwrap()).collect();
     assert_eq!(egress, vec![1, 2]);
 }
 
 #[tokio::test(start_paused = true)]
 async fn an_unparked_address_takes_messages_again() {
-    let f = start(vec![]);
-    send(&f.h, "bad", "m1").await;
-    f.h.wait_idle().await;
-    assert!(f.h.unpark(&at("bad")).await.unwrap());
-    assert!(!f.h.unpark(&at("bad")).await.unwrap(), "second unpark finds nothing");
-    assert!(f.h.parked().await.unwrap().is_empty());
-    send(&f.h, "bad", "m2").await;
-    f.h.wait_idle().await;
+    let (f, _) = start(vec![]);
+    send(&f.handle, "bad", "m1").await;
+    f.handle.wait_idle().await;
+    assert!(f.handle.unpark(&at("bad")).await.unwrap());
+    assert!(
+        !f.handle.unpark(&at("bad")).await.unwrap(),
+        "second unpark finds nothing"
+    );
+    assert!(f.handle.parked().await.unwrap().is_empty());
+    send(&f.handle, "bad", "m2").await;
+    f.handle.wait_idle().await;
     // It was invoked again (and failed again), rather than dead-lettered as parked.
     let last = f.dead.letters().pop().unwrap();
     assert!(matches!(
@@ -222,15 +207,16 @@ async fn unknown_types_unknown_egress_and_unroutable_records_are_dead_lettered()
                 .clone(),
         ),
     ];
-    let f = start(records);
-    send(&f.h, "e", "egress-unknown").await;
-    send(&f.h, "s", "send-unknown").await;
-    let err =
-        f.h.send_value(Address::new(TypeName::from_static("test/unknown"), "x").unwrap(), &1i64)
-            .await
-            .unwrap_err();
+    let (f, _) = start(records);
+    send(&f.handle, "e", "egress-unknown").await;
+    send(&f.handle, "s", "send-unknown").await;
+    let err = f
+        .handle
+        .send_value(Address::new(TypeName::from_static("test/unknown"), "x").unwrap(), &1i64)
+        .await
+        .unwrap_err();
     assert!(matches!(err, SendError::UnknownFunctionType(_)), "{err}");
-    f.h.wait_idle().await;
+    f.handle.wait_idle().await;
 
     let reasons: Vec<DeadLetterReason> = f.dead.letters().into_iter().map(|d| d.reason).collect();
     assert!(
@@ -251,6 +237,96 @@ async fn unknown_types_unknown_egress_and_unroutable_records_are_dead_lettered()
         .expect("the keyless record is dead-lettered");
     assert_eq!(unroutable.record.unwrap().value.unwrap(), &b"v"[..]);
     // The records around the bad one were processed.
-    assert_eq!(f.h.state(&at("r1"), &COUNT).await.unwrap(), Some(1));
-    assert_eq!(f.h.state(&at("r2"), &COUNT).await.unwrap(), Some(1));
+    assert_eq!(f.handle.state(&at("r1"), &COUNT).await.unwrap(), Some(1));
+    assert_eq!(f.handle.state(&at("r2"), &COUNT).await.unwrap(), Some(1));
+}
+
+const BATCHY: TypeName = TypeName::from_static("test/batchy");
+
+struct Batchy {
+    gate: Arc<Semaphore>,
+    bad_attempts: Arc<AtomicU32>,
+    good: Arc<AtomicU32>,
+    /// Whether the runtime goes through the batch hook or calls `invoke` itself.
+    takes_batches: bool,
+}
+
+#[async_trait]
+impl StatefulFunction for Batchy {
+    async fn invoke(&self, _ctx: &mut Context, msg: Message) -> FunctionResult {
+        match msg.decode::<String>()?.as_str() {
+            "wait" => self.gate.acquire().await?.forget(),
+            "bad" => {
+                self.bad_attempts.fetch_add(1, Ordering::SeqCst);
+                return Err("bad".into());
+            }
+            _ => {
+                self.good.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        Ok(())
+    }
+
+    fn takes_batches(&self) -> bool {
+        self.takes_batches
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_message_failing_inside_a_batch_gets_exactly_max_attempts_through_the_batch_hook() {
+    failing_inside_a_batch(true).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_message_failing_inside_a_batch_gets_exactly_max_attempts_when_invoked_one_by_one() {
+    failing_inside_a_batch(false).await;
+}
+
+/// The batch [good, bad]: `good` is re-run once as the prefix before the failure, `bad`
+/// runs exactly `max_attempts` times, then it is dead-lettered.
+async fn failing_inside_a_batch(takes_batches: bool) {
+    let gate = Arc::new(Semaphore::new(0));
+    let bad_attempts = Arc::new(AtomicU32::new(0));
+    let good = Arc::new(AtomicU32::new(0));
+    let module = Module::builder()
+        .with_function(
+            FunctionSpec::new(BATCHY),
+            Batchy {
+                gate: gate.clone(),
+                bad_attempts: bad_attempts.clone(),
+                good: good.clone(),
+                takes_batches,
+            },
+        )
+        .build()
+        .unwrap();
+    let r = testkit::runtime(module)
+        .config(RuntimeConfig {
+            partitions: 1,
+            retry: RetryConfig {
+                max_attempts: 2,
+                initial_backoff_ms: 1000,
+                max_backoff_ms: 1000,
+            },
+            ..Default::default()
+        })
+        .start();
+    let h = &r.handle;
+    let x = Address::new(BATCHY, "x").unwrap();
+    for m in ["wait", "good", "bad"] {
+        h.send_value(x.clone(), &m.to_string()).await.unwrap();
+    }
+    tokio::task::yield_now().await;
+    gate.add_permits(1); // the next batch is [good, bad]
+    h.wait_idle().await;
+    assert_eq!(bad_attempts.load(Ordering::SeqCst), 2);
+    // Once in the failed batch (its effects discarded), once re-run alone as the
+    // batch's prefix (its effects kept): the same whichever way the batch was invoked.
+    assert_eq!(good.load(Ordering::SeqCst), 2, "the message before the failure");
+    let letters = r.dead.letters();
+    assert_eq!(letters.len(), 1);
+    assert!(matches!(
+        letters[0].reason,
+        DeadLetterReason::FunctionFailed { attempts: 2, .. }
+    ));
 }

@@ -9,13 +9,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use statefun_runtime::state::{RocksDbBackend, RocksDbOptions};
-use statefun_runtime::{
-    CollectingDeadLetters, DeadLetterReason, IngressRecord, KeyRouter, Runtime, RuntimeConfig, RuntimeHandle,
-    SourcePosition, VecIngress,
-};
+use statefun_runtime::testkit::{self, Running, eventually};
+use statefun_runtime::{DeadLetterReason, IngressRecord, KeyRouter, RuntimeHandle, SourcePosition, VecIngress};
 use statefun_sdk::prelude::*;
 use statefun_sdk::value::builtin;
-use tokio_util::sync::CancellationToken;
 
 const A: TypeName = TypeName::from_static("fan/a");
 const B: TypeName = TypeName::from_static("fan/b");
@@ -50,32 +47,15 @@ fn records(n: usize) -> Vec<IngressRecord> {
         .collect()
 }
 
-struct Running {
-    h: RuntimeHandle,
-    dead: CollectingDeadLetters,
-    stop: CancellationToken,
-    task: tokio::task::JoinHandle<Result<statefun_runtime::RunReport, statefun_runtime::Error>>,
-}
-
 fn start(records: Vec<IngressRecord>, targets: Vec<TypeName>, durable: Option<&std::path::Path>) -> Running {
-    let dead = CollectingDeadLetters::new();
     let router = KeyRouter::to_all(targets, builtin::STRING).unwrap();
-    let mut b = Runtime::builder()
-        .config(RuntimeConfig {
-            partitions: 4,
-            ..Default::default()
-        })
-        .module(module())
-        .ingress(VecIngress::new("src", records), router)
-        .dead_letters(dead.clone());
+    let mut runtime = testkit::runtime(module())
+        .partitions(4)
+        .ingress(VecIngress::new("src", records), router);
     if let Some(dir) = durable {
-        b = b.state_backend(RocksDbBackend::open(dir, RocksDbOptions::default()).unwrap());
+        runtime = runtime.backend(RocksDbBackend::open(dir, RocksDbOptions::default()).unwrap());
     }
-    let runtime = b.build().unwrap();
-    let h = runtime.handle();
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(runtime.run(stop.clone().cancelled_owned()));
-    Running { h, dead, stop, task }
+    runtime.start()
 }
 
 /// Total of `t`'s per-key counts, after the source is done.
@@ -91,27 +71,25 @@ async fn total(h: &RuntimeHandle, t: &TypeName) -> i64 {
     sum
 }
 
+/// Waits until every type of `t` has counted at least `expect` records.
 async fn settle(h: &RuntimeHandle, t: &[TypeName], expect: i64) {
-    for _ in 0..500 {
+    eventually(&format!("every target counted {expect} records"), || async {
         h.wait_idle().await;
         let mut all = true;
         for t in t {
             all &= total(h, t).await >= expect;
         }
-        if all {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+        all
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_target_gets_each_record_once_in_memory() {
     let r = start(records(100), vec![A, B], None);
-    settle(&r.h, &[A, B], 100).await;
-    assert_eq!((total(&r.h, &A).await, total(&r.h, &B).await), (100, 100));
-    r.stop.cancel();
-    r.task.await.unwrap().unwrap();
+    settle(&r.handle, &[A, B], 100).await;
+    assert_eq!((total(&r.handle, &A).await, total(&r.handle, &B).await), (100, 100));
+    r.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -119,20 +97,17 @@ async fn a_replayed_source_delivers_no_record_twice_to_any_target_after_a_restar
     let dir = tempfile::tempdir().unwrap();
     // First run: the first 60 records.
     let r = start(records(60), vec![A, B], Some(dir.path()));
-    settle(&r.h, &[A, B], 60).await;
-    assert_eq!((total(&r.h, &A).await, total(&r.h, &B).await), (60, 60));
-    r.stop.cancel();
-    r.task.await.unwrap().unwrap();
-    drop(r.h); // releases the database
+    settle(&r.handle, &[A, B], 60).await;
+    assert_eq!((total(&r.handle, &A).await, total(&r.handle, &B).await), (60, 60));
+    r.stop().await; // drops the handle: releases the database
     // Second run: the source starts over from offset 0 (all 100): the 60 accepted
     // before are skipped for both targets, the 40 new reach both.
     let r = start(records(100), vec![A, B], Some(dir.path()));
-    settle(&r.h, &[A, B], 100).await;
+    settle(&r.handle, &[A, B], 100).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
-    r.h.wait_idle().await;
-    assert_eq!((total(&r.h, &A).await, total(&r.h, &B).await), (100, 100));
-    r.stop.cancel();
-    r.task.await.unwrap().unwrap();
+    r.handle.wait_idle().await;
+    assert_eq!((total(&r.handle, &A).await, total(&r.handle, &B).await), (100, 100));
+    r.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -140,14 +115,13 @@ async fn a_target_of_an_unknown_type_is_dead_lettered_and_the_others_get_the_rec
     let unknown = TypeName::from_static("fan/unknown");
     // The unknown type first: the next target takes the record's place.
     let r = start(records(20), vec![unknown.clone(), A, B], None);
-    settle(&r.h, &[A, B], 20).await;
-    assert_eq!((total(&r.h, &A).await, total(&r.h, &B).await), (20, 20));
+    settle(&r.handle, &[A, B], 20).await;
+    assert_eq!((total(&r.handle, &A).await, total(&r.handle, &B).await), (20, 20));
     let dead = r.dead.letters();
     assert_eq!(dead.len(), 20);
     assert!(
         dead.iter()
             .all(|d| d.reason == DeadLetterReason::UnknownFunctionType(unknown.clone()))
     );
-    r.stop.cancel();
-    r.task.await.unwrap().unwrap();
+    r.stop().await;
 }

@@ -12,7 +12,8 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use proptest::prelude::*;
-use statefun_runtime::{CollectingDeadLetters, Runtime, RuntimeConfig};
+use statefun_runtime::testkit;
+use statefun_runtime::{Runtime, RuntimeConfig};
 use statefun_sdk::prelude::*;
 
 const A: TypeName = TypeName::from_static("model/a");
@@ -106,7 +107,6 @@ fn run_case(
             .with_function(FunctionSpec::new(B).with_state(LOG).with_state(COUNT), Recorder)
             .build()
             .unwrap();
-        let dead = CollectingDeadLetters::new();
         let config = RuntimeConfig {
             partitions,
             max_batch_size: max_batch,
@@ -114,17 +114,12 @@ fn run_case(
             ..Default::default()
         };
         let dir = tempfile::tempdir().unwrap();
-        let mut builder = Runtime::builder()
-            .config(config.clone())
-            .module(module.clone())
-            .dead_letters(dead.clone());
+        let mut runtime = testkit::runtime(module.clone()).config(config.clone());
         if durable {
-            builder = builder.state_backend(durable_backend(dir.path()));
+            runtime = runtime.backend(durable_backend(dir.path()));
         }
-        let runtime = builder.build().unwrap();
-        let handle = runtime.handle();
-        let stop = tokio_util::sync::CancellationToken::new();
-        let running = tokio::spawn(runtime.run(stop.clone().cancelled_owned()));
+        let running = runtime.start();
+        let handle = &running.handle;
 
         // The model: expected log entries per address.
         let mut model: HashMap<Address, Vec<(String, u64)>> = HashMap::new();
@@ -175,14 +170,17 @@ fn run_case(
                 }
             }
         }
-        prop_assert!(dead.letters().is_empty(), "no dead letters: {:?}", dead.letters());
-        stop.cancel();
-        let report = running.await.unwrap().unwrap();
+        prop_assert!(
+            running.dead.letters().is_empty(),
+            "no dead letters: {:?}",
+            running.dead.letters()
+        );
+        // Also drops the handle, the last owner of the first database.
+        let report = running.stop().await;
         prop_assert!(report.drained);
         let forwards = steps.iter().filter(|s| s.forward.is_some()).count();
         prop_assert_eq!(report.invocations() as usize, steps.len() + forwards);
         if durable {
-            drop(handle); // the last owner of the first database
             let again = Runtime::builder()
                 .config(config)
                 .module(module)

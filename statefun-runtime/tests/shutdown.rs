@@ -5,10 +5,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use statefun_runtime::{Runtime, RuntimeConfig, SendError};
+use statefun_runtime::testkit::{self, Running};
+use statefun_runtime::{RuntimeConfig, SendError};
 use statefun_sdk::prelude::*;
 use tokio::sync::Semaphore;
-use tokio_util::sync::CancellationToken;
 
 const F: TypeName = TypeName::from_static("test/slow");
 const SEEN: ValueSpec<i64> = ValueSpec::named("seen");
@@ -33,41 +33,38 @@ impl StatefulFunction for Slow {
     }
 }
 
-fn build(drain_timeout_ms: u64) -> (Runtime, Arc<Semaphore>) {
+/// Starts a [`Slow`] function on 2 partitions; returns its gate, closed.
+fn start(drain_timeout_ms: u64) -> (Running, Arc<Semaphore>) {
     let gate = Arc::new(Semaphore::new(0));
     let module = Module::builder()
         .with_function(FunctionSpec::new(F).with_state(SEEN), Slow { gate: gate.clone() })
         .build()
         .unwrap();
-    let runtime = Runtime::builder()
+    let running = testkit::runtime(module)
         .config(RuntimeConfig {
             partitions: 2,
             drain_timeout_ms,
             ..Default::default()
         })
-        .module(module)
-        .build()
-        .unwrap();
-    (runtime, gate)
+        .start();
+    (running, gate)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_finishes_in_flight_and_queued_work_first() {
-    let (runtime, gate) = build(30_000);
-    let h = runtime.handle();
-    let stop = CancellationToken::new();
-    let running = tokio::spawn(runtime.run(stop.clone().cancelled_owned()));
+    let (r, gate) = start(30_000);
+    let h = r.handle.clone();
     for i in 0..10 {
         h.send_value(Address::new(F, format!("a{i}")).unwrap(), &2i64)
             .await
             .unwrap();
     }
-    stop.cancel();
+    r.signal_stop();
     // Shutdown has been requested, but the work is blocked: run() must not return.
     tokio::task::yield_now().await;
-    assert!(!running.is_finished());
+    assert!(!r.is_finished());
     gate.add_permits(1000);
-    let report = running.await.unwrap().unwrap();
+    let report = r.stop().await;
     assert!(report.drained);
     assert_eq!(report.invocations(), 30, "10 messages, each forwarded twice");
     let err = h.send_value(Address::new(F, "late").unwrap(), &0i64).await.unwrap_err();
@@ -76,17 +73,14 @@ async fn shutdown_finishes_in_flight_and_queued_work_first() {
 
 #[tokio::test(start_paused = true)]
 async fn a_drain_that_cannot_finish_is_bounded_by_the_timeout() {
-    let (runtime, _gate) = build(500);
-    let h = runtime.handle();
-    let stop = CancellationToken::new();
-    let running = tokio::spawn(runtime.run(stop.clone().cancelled_owned()));
-    h.send_value(Address::new(F, "stuck").unwrap(), &0i64).await.unwrap();
-    stop.cancel();
-    let report = tokio::time::timeout(Duration::from_secs(5), running)
+    let (r, _gate) = start(500);
+    r.handle
+        .send_value(Address::new(F, "stuck").unwrap(), &0i64)
         .await
-        .expect("run returns after the drain timeout")
-        .unwrap()
         .unwrap();
+    let report = tokio::time::timeout(Duration::from_secs(5), r.stop())
+        .await
+        .expect("run returns after the drain timeout");
     assert!(!report.drained);
     assert_eq!(report.invocations(), 0);
 }

@@ -747,7 +747,8 @@ async fn cluster_mode_commits_messages_for_other_instances_and_accepts_them_once
 /// memory; when commits succeed again, everything is processed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changelogged_input_pauses_while_too_much_is_pending_and_resumes_after_a_commit() {
-    use statefun_runtime::{Runtime, RuntimeConfig};
+    use statefun_runtime::RuntimeConfig;
+    use statefun_runtime::testkit;
     use statefun_sdk::prelude::*;
     use std::sync::atomic::Ordering;
     const F: TypeName = TypeName::from_static("t/blob");
@@ -769,19 +770,15 @@ async fn changelogged_input_pauses_while_too_much_is_pending_and_resumes_after_a
         })
         .build()
         .unwrap();
-    let runtime = Runtime::builder()
+    let r = testkit::runtime(module)
         .config(RuntimeConfig {
             partitions: 1,
             ingress_queue_capacity: 8,
             ..Default::default()
         })
-        .module(module)
-        .state_backend(backend.clone())
-        .build()
-        .unwrap();
-    let h = runtime.handle();
-    let stop = tokio_util::sync::CancellationToken::new();
-    let running = tokio::spawn(runtime.run(stop.clone().cancelled_owned()));
+        .backend(backend.clone())
+        .start();
+    let h = &r.handle;
     // The broker goes away.
     changelog.fail.store(true, Ordering::SeqCst);
     let sender = {
@@ -812,8 +809,7 @@ async fn changelogged_input_pauses_while_too_much_is_pending_and_resumes_after_a
         h.state(&Address::new(F, "k999").unwrap(), &BLOB).await.unwrap(),
         Some(format!("{:01000}", 999))
     );
-    stop.cancel();
-    running.await.unwrap().unwrap();
+    r.stop().await;
 }
 
 /// The pending-writes count goes back to zero after each commit, also when everything

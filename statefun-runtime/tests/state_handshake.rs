@@ -7,11 +7,11 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use statefun_runtime::{CollectingDeadLetters, Runtime, RuntimeConfig, RuntimeHandle};
+use statefun_runtime::RuntimeConfig;
+use statefun_runtime::testkit::{self, Running, advance, eventually};
 use statefun_sdk::prelude::*;
 use statefun_sdk::value::builtin;
 use statefun_sdk::{BatchError, Invocation, StateSpec};
-use tokio_util::sync::CancellationToken;
 
 const F: TypeName = TypeName::from_static("test/discovers");
 const COUNT: ValueSpec<i64> = ValueSpec::named("count");
@@ -79,49 +79,29 @@ impl StatefulFunction for Discovers {
     }
 }
 
-struct Fixture {
-    handle: RuntimeHandle,
-    function: Discovers,
-    dead: CollectingDeadLetters,
-    stop: CancellationToken,
-    running: tokio::task::JoinHandle<Result<statefun_runtime::RunReport, statefun_runtime::Error>>,
+fn start() -> (Running, Discovers) {
+    let function = Discovers::default();
+    (start_with(function.clone(), 2), function)
 }
 
-fn start() -> Fixture {
-    start_with(Discovers::default(), 2)
-}
-
-fn start_with(function: Discovers, partitions: u32) -> Fixture {
+/// Starts `function` (a clone of it: clones share what it records) on `partitions`,
+/// with 2 attempts per message.
+fn start_with(function: Discovers, partitions: u32) -> Running {
     let module = Module::builder()
-        .with_function(FunctionSpec::new(F), function.clone())
+        .with_function(FunctionSpec::new(F), function)
         .build()
         .unwrap();
-    let dead = CollectingDeadLetters::new();
-    let config = RuntimeConfig {
-        partitions,
-        retry: statefun_runtime::RetryConfig {
-            max_attempts: 2,
-            initial_backoff_ms: 1,
-            max_backoff_ms: 1,
-        },
-        ..Default::default()
-    };
-    let runtime = Runtime::builder()
-        .config(config)
-        .module(module)
-        .dead_letters(dead.clone())
-        .build()
-        .unwrap();
-    let handle = runtime.handle();
-    let stop = CancellationToken::new();
-    let running = tokio::spawn(runtime.run(stop.clone().cancelled_owned()));
-    Fixture {
-        handle,
-        function,
-        dead,
-        stop,
-        running,
-    }
+    testkit::runtime(module)
+        .config(RuntimeConfig {
+            partitions,
+            retry: statefun_runtime::RetryConfig {
+                max_attempts: 2,
+                initial_backoff_ms: 1,
+                max_backoff_ms: 1,
+            },
+            ..Default::default()
+        })
+        .start()
 }
 
 fn at(id: &str) -> Address {
@@ -130,11 +110,11 @@ fn at(id: &str) -> Address {
 
 #[tokio::test(start_paused = true)]
 async fn missing_states_are_registered_and_the_same_batch_runs_again_without_counting_a_failure() {
-    let f = start();
+    let (f, function) = start();
     f.handle.send_value(at("a"), &"one".to_string()).await.unwrap();
     f.handle.wait_idle().await;
     // The first request found no state and asked for both; the second carried both.
-    let first: Vec<_> = f.function.batches.lock().unwrap().clone();
+    let first: Vec<_> = function.batches.lock().unwrap().clone();
     assert_eq!(first.len(), 2, "{first:?}");
     assert!(first[0].1.is_empty());
     assert_eq!(first[1].1, ["count", "last"]);
@@ -146,22 +126,22 @@ async fn missing_states_are_registered_and_the_same_batch_runs_again_without_cou
     f.handle.send_value(at("a"), &"two".to_string()).await.unwrap();
     f.handle.wait_idle().await;
     assert_eq!(f.handle.state(&at("a"), &COUNT).await.unwrap(), Some(2));
-    assert_eq!(f.function.batches.lock().unwrap().len(), 3);
+    assert_eq!(function.batches.lock().unwrap().len(), 3);
 
     // The registered expiry applies: 10 s after the write, `last` is gone, `count` is not.
-    tokio::time::advance(Duration::from_secs(11)).await;
+    advance(Duration::from_secs(11)).await;
     assert_eq!(f.handle.state(&at("a"), &LAST).await.unwrap(), None);
     assert_eq!(f.handle.state(&at("a"), &COUNT).await.unwrap(), Some(2));
 
-    f.stop.cancel();
-    let report = f.running.await.unwrap().unwrap();
+    let dead = f.dead.clone();
+    let report = f.stop().await;
     assert_eq!(report.partitions.iter().map(|p| p.failures).sum::<u64>(), 0);
-    assert!(f.dead.letters().is_empty());
+    assert!(dead.letters().is_empty());
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_state_asked_for_again_with_another_type_parks_only_that_address() {
-    let f = start();
+    let (f, _) = start();
     f.handle.send_value(at("a"), &"one".to_string()).await.unwrap();
     f.handle.wait_idle().await;
     f.handle.send_value(at("a"), &"retype".to_string()).await.unwrap();
@@ -182,8 +162,7 @@ async fn a_state_asked_for_again_with_another_type_parks_only_that_address() {
     f.handle.send_value(at("b"), &"x".to_string()).await.unwrap();
     f.handle.wait_idle().await;
     assert_eq!(f.handle.state(&at("b"), &COUNT).await.unwrap(), Some(1));
-    f.stop.cancel();
-    f.running.await.unwrap().unwrap();
+    f.stop().await;
 }
 
 #[tokio::test(start_paused = true)]
@@ -193,23 +172,24 @@ async fn two_addresses_in_their_first_handshake_at_once_both_run_without_a_failu
         gate: Some(gate.clone()),
         ..Default::default()
     };
-    let f = start_with(function, 1);
+    let f = start_with(function.clone(), 1);
     f.handle.send_value(at("a"), &"x".to_string()).await.unwrap();
     f.handle.send_value(at("b"), &"y".to_string()).await.unwrap();
     // Both first requests are in flight, neither knows the states.
-    while f.function.batches.lock().unwrap().len() < 2 {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    eventually("both first requests are in flight", || async {
+        function.batches.lock().unwrap().len() >= 2
+    })
+    .await;
     gate.add_permits(2);
     f.handle.wait_idle().await;
     // The second answer asks for states the first one registered meanwhile: they are
     // there now, so its batch simply runs again.
     assert_eq!(f.handle.state(&at("a"), &COUNT).await.unwrap(), Some(1));
     assert_eq!(f.handle.state(&at("b"), &COUNT).await.unwrap(), Some(1));
-    f.stop.cancel();
-    let report = f.running.await.unwrap().unwrap();
+    let dead = f.dead.clone();
+    let report = f.stop().await;
     assert_eq!(report.partitions.iter().map(|p| p.failures).sum::<u64>(), 0);
-    assert!(f.dead.letters().is_empty());
+    assert!(dead.letters().is_empty());
 }
 
 #[tokio::test(start_paused = true)]
@@ -219,19 +199,8 @@ async fn a_namespace_function_serves_every_type_of_its_namespace_each_with_its_o
         .with_namespace_function("shop", Arc::new(function.clone()))
         .build()
         .unwrap();
-    let dead = CollectingDeadLetters::new();
-    let runtime = Runtime::builder()
-        .config(RuntimeConfig {
-            partitions: 1,
-            ..Default::default()
-        })
-        .module(module)
-        .dead_letters(dead.clone())
-        .build()
-        .unwrap();
-    let h = runtime.handle();
-    let stop = CancellationToken::new();
-    let running = tokio::spawn(runtime.run(stop.clone().cancelled_owned()));
+    let r = testkit::runtime(module).partitions(1).start();
+    let h = &r.handle;
     let cart = Address::new(TypeName::from_static("shop/cart"), "1").unwrap();
     let loyalty = Address::new(TypeName::from_static("shop/loyalty"), "1").unwrap();
     for a in [&cart, &cart, &loyalty] {
@@ -246,8 +215,8 @@ async fn a_namespace_function_serves_every_type_of_its_namespace_each_with_its_o
     // Another namespace has no function.
     let stray = Address::new(TypeName::from_static("other/cart"), "1").unwrap();
     assert!(h.send_value(stray, &"x".to_string()).await.is_err());
-    stop.cancel();
-    let report = running.await.unwrap().unwrap();
+    let dead = r.dead.clone();
+    let report = r.stop().await;
     assert_eq!(report.partitions.iter().map(|p| p.failures).sum::<u64>(), 0);
     assert!(dead.letters().is_empty());
 }

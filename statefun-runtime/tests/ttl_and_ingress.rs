@@ -5,10 +5,10 @@
 
 use std::time::Duration;
 
-use statefun_runtime::{CollectingEgress, IngressRecord, KeyRouter, MemoryIngress, Runtime, RuntimeHandle};
+use statefun_runtime::testkit::{self, Running, advance, eventually};
+use statefun_runtime::{IngressRecord, KeyRouter, MemoryIngress, RuntimeHandle};
 use statefun_sdk::prelude::*;
 use statefun_sdk::value::builtin;
-use tokio_util::sync::CancellationToken;
 
 const F: TypeName = TypeName::from_static("test/ttl");
 const W: ValueSpec<i64> = ValueSpec::named("w").expire_after_write(Duration::from_secs(10));
@@ -30,21 +30,17 @@ fn f(ctx: &mut Context, msg: Message) -> FunctionResult {
     Ok(())
 }
 
-fn start(ingress: Option<MemoryIngress>) -> (RuntimeHandle, CollectingEgress, tokio_util::sync::DropGuard) {
+/// Starts `f` with its egress collected, and `ingress` routed to it by key.
+fn start(ingress: Option<MemoryIngress>) -> Running {
     let module = Module::builder()
         .with_fn(FunctionSpec::new(F).with_state(W).with_state(C), f)
         .build()
         .unwrap();
-    let seen = CollectingEgress::new();
-    let mut b = Runtime::builder().module(module).egress(SEEN, seen.clone());
+    let mut runtime = testkit::runtime(module).egress(SEEN);
     if let Some(i) = ingress {
-        b = b.ingress(i, KeyRouter::new(F, builtin::STRING));
+        runtime = runtime.ingress(i, KeyRouter::new(F, builtin::STRING));
     }
-    let runtime = b.build().unwrap();
-    let h = runtime.handle();
-    let stop = CancellationToken::new();
-    tokio::spawn(runtime.run(stop.clone().cancelled_owned()));
-    (h, seen, stop.drop_guard())
+    runtime.start()
 }
 
 async fn cmd(h: &RuntimeHandle, c: &str) {
@@ -56,39 +52,39 @@ async fn cmd(h: &RuntimeHandle, c: &str) {
 
 #[tokio::test(start_paused = true)]
 async fn expired_state_is_never_returned_and_after_call_is_refreshed_by_calls() {
-    let (h, seen, _g) = start(None);
+    let r = start(None);
+    let (h, seen) = (&r.handle, &r.egress);
     let x = Address::new(F, "x").unwrap();
-    cmd(&h, "set").await;
-    tokio::time::advance(Duration::from_secs(6)).await;
-    cmd(&h, "look").await; // t=6: both alive; the call refreshes C to t=16
-    tokio::time::advance(Duration::from_secs(6)).await; // t=12: W expired at t=10
+    cmd(h, "set").await;
+    advance(Duration::from_secs(6)).await;
+    cmd(h, "look").await; // t=6: both alive; the call refreshes C to t=16
+    advance(Duration::from_secs(6)).await; // t=12: W expired at t=10
     assert_eq!(h.state(&x, &W).await.unwrap(), None);
     assert_eq!(h.state(&x, &C).await.unwrap(), Some(1));
-    cmd(&h, "look").await; // refreshes C to t=22
-    tokio::time::advance(Duration::from_secs(11)).await; // t=23
+    cmd(h, "look").await; // refreshes C to t=22
+    advance(Duration::from_secs(11)).await; // t=23
     assert_eq!(h.state(&x, &C).await.unwrap(), None);
-    cmd(&h, "look").await;
+    cmd(h, "look").await;
     let views: Vec<String> = seen.records().iter().map(|r| r.message.decode().unwrap()).collect();
     assert_eq!(views, vec!["Some(1)/Some(1)", "None/Some(1)", "None/None"]);
 }
 
-// Paused clock: the polling sleep below advances virtual time only once every task is
-// idle, so it costs no real time and cannot race.
+// Paused clock: the polling sleep in `eventually` advances virtual time only once every
+// task is idle, so it costs no real time and cannot race.
 #[tokio::test(start_paused = true)]
 async fn records_pushed_into_a_channel_ingress_are_routed_by_key_and_processed() {
     let (ingress, tx) = MemoryIngress::channel("pos-events", 8);
-    let (h, seen, _g) = start(Some(ingress));
+    let r = start(Some(ingress));
+    let (h, seen) = (&r.handle, &r.egress);
     let look = TypedValue::of(&"look".to_string()).unwrap().bytes().unwrap().clone();
     for id in ["a", "b", "c", "a"] {
         tx.send(IngressRecord::new(id.to_string(), look.clone())).await.unwrap();
     }
     drop(tx); // the source ends; the runtime keeps serving
-    for _ in 0..1000 {
-        if seen.records().len() == 4 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    eventually("the four records reach the egress", || async {
+        seen.records().len() == 4
+    })
+    .await;
     let mut sources: Vec<String> = seen.records().iter().map(|r| r.source.id().to_owned()).collect();
     sources.sort();
     assert_eq!(sources, vec!["a", "a", "b", "c"]);
