@@ -11,6 +11,9 @@ cargo fmt --all -- --check
 step "dependency rule: statefun-sdk opens no sockets and no files"
 scripts/check-sdk-deps.sh
 
+step "module structure: no import loop between files, statefun-runtime's layers (scripts/check-layers.py)"
+python3 scripts/check-layers.py
+
 step "the example cluster's docker compose file (scripts/validate-compose: Docker Compose's own check, no engine needed)"
 scripts/validate-compose
 

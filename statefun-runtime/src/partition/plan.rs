@@ -322,3 +322,186 @@ fn expiry_notices(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use statefun_sdk::{Context, FunctionSpec, Module, TypeName, TypedValue, ValueSpec};
+
+    use super::*;
+    use crate::partition::functions::FunctionTable;
+    use crate::partitioner::PartitionId;
+    use crate::state::MemoryBackend;
+
+    const CART: TypeName = TypeName::from_static("test/cart");
+    const OUT: TypeName = TypeName::from_static("test/out");
+    const ITEMS: ValueSpec<i64> = ValueSpec::named("items");
+    const NOTE: ValueSpec<String> = ValueSpec::named("note");
+
+    fn table() -> FunctionTable {
+        let module = Module::builder()
+            .with_fn(FunctionSpec::new(CART).with_state(ITEMS).with_state(NOTE), |_, _| Ok(()))
+            .build()
+            .unwrap();
+        FunctionTable::new(&module)
+    }
+
+    fn address(id: &str) -> Address {
+        Address::new(CART, id).unwrap()
+    }
+
+    fn envelope(target: Address, inbox: Option<LogKey>) -> Envelope {
+        Envelope {
+            target,
+            caller: None,
+            message: TypedValue::of(&1i64).unwrap(),
+            inbox,
+            position: None,
+            also: Vec::new(),
+        }
+    }
+
+    /// Runs `f` against a fresh context of `a` and returns what it produced.
+    fn done(table: &FunctionTable, a: &Address, f: impl FnOnce(&mut Context)) -> Done {
+        let states = Arc::clone(&table.get(&CART).unwrap().states);
+        let mut ctx = Context::new(a.clone(), Arc::clone(&states), vec![None; states.len()]);
+        f(&mut ctx);
+        Done {
+            effects: ctx.into_effects(),
+            touched: Vec::new(),
+            expired: Vec::new(),
+            notify: false,
+        }
+    }
+
+    /// Plans `done` for `a`'s `batch` on partition 0 (every other address on partition
+    /// 1), with `log` as the durable log and `old_timer` as the key of a pending timer.
+    fn plan_of(
+        table: &FunctionTable,
+        log: Option<&mut DurableLog>,
+        old_timer: Option<LogKey>,
+        a: &Address,
+        batch: &[Envelope],
+        done: Done,
+    ) -> Result<Plan, Failure> {
+        let backend = MemoryBackend::new();
+        let me = a.clone();
+        let partition_of = move |x: &Address| if *x == me { PartitionId(0) } else { PartitionId(1) };
+        let timer_key = move |_: &Address, _: &str| old_timer;
+        let mut cx = PlanContext {
+            function: table.get(&CART).unwrap(),
+            effects: EffectsContext {
+                now_ms: &|| 1_000,
+                partition_of: &partition_of,
+                timer_key: &timer_key,
+                backend: &backend,
+                has_sink: &|e| *e == OUT,
+                run_id: 7,
+            },
+            log,
+        };
+        plan(&mut cx, a, batch, done)
+    }
+
+    #[test]
+    fn a_volatile_plan_writes_only_state_and_acts_in_effect_order() {
+        let table = table();
+        let a = address("a");
+        let done = done(&table, &a, |ctx| {
+            ctx.storage().set(&ITEMS, &3).unwrap();
+            ctx.send(address("b"), &1i64).unwrap();
+            ctx.send_after_with_token(Duration::from_secs(1), a.clone(), &2i64, "t").unwrap();
+            ctx.send_egress(OUT, &"x".to_string()).unwrap();
+        });
+        let plan = plan_of(&table, None, None, &a, &[envelope(a.clone(), None)], done).unwrap();
+        assert_eq!(plan.write.ops.len(), 1);
+        assert_eq!(&*plan.write.ops[0].name, "items");
+        assert_eq!(plan.write.ops[0].value.as_ref().unwrap().expires_at_ms, None);
+        assert!(plan.write.log.is_empty(), "no log entries without a durable log");
+        let kinds: Vec<&str> = plan
+            .actions
+            .iter()
+            .map(|action| match action {
+                Action::Route(env) if env.inbox.is_none() && env.caller.as_ref() == Some(&a) => "route",
+                Action::Schedule { key: None, token, .. } if token.as_deref() == Some("t") => "schedule",
+                Action::HandOver { key: None, record } if record.egress == OUT => "hand over",
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect();
+        assert_eq!(kinds, ["route", "schedule", "hand over"]);
+    }
+
+    #[test]
+    fn a_durable_plan_commits_every_effect_in_its_write_and_keys_its_actions() {
+        let table = table();
+        let a = address("a");
+        let processed = LogKey::Inbox {
+            sender: PartitionId(3),
+            seq: 9,
+        };
+        let mut log = DurableLog::new(PartitionId(0), 0);
+        let done = done(&table, &a, |ctx| {
+            ctx.send(address("b"), &1i64).unwrap();
+            ctx.send_after_with_token(Duration::from_millis(500), a.clone(), &2i64, "t").unwrap();
+            ctx.send_egress(OUT, &"x".to_string()).unwrap();
+        });
+        let batch = [envelope(a.clone(), Some(processed))];
+        let plan = plan_of(&table, Some(&mut log), None, &a, &batch, done).unwrap();
+        let log_ops: Vec<(PartitionId, LogKey, bool)> =
+            plan.write.log.iter().map(|op| (op.partition, op.key, op.value.is_some())).collect();
+        assert_eq!(
+            log_ops,
+            [
+                // The processed message leaves the inbox; the outgoing one enters its
+                // receiver's; the timer and the egress record enter this partition's logs.
+                (PartitionId(0), processed, false),
+                (PartitionId(1), LogKey::Inbox { sender: PartitionId(0), seq: 0 }, true),
+                (PartitionId(0), LogKey::Timer { due_ms: 1_500, seq: 1 }, true),
+                (PartitionId(0), LogKey::Egress { seq: 2 }, true),
+            ]
+        );
+        match &plan.actions[..] {
+            [
+                Action::Route(env),
+                Action::Schedule { key: Some(timer), .. },
+                Action::HandOver { key: Some(egress), .. },
+            ] => {
+                assert_eq!(env.inbox, Some(log_ops[1].1));
+                assert_eq!(*timer, log_ops[2].1);
+                assert_eq!(*egress, log_ops[3].1);
+            }
+            other => panic!("unexpected actions {other:?}"),
+        }
+    }
+
+    #[test]
+    fn tokens_replace_and_cancel_their_timer_entries_within_one_batch() {
+        let table = table();
+        let a = address("a");
+        let pending = LogKey::Timer { due_ms: 10, seq: 77 };
+        let mut log = DurableLog::new(PartitionId(0), 0);
+        let done = done(&table, &a, |ctx| {
+            ctx.send_after_with_token(Duration::from_secs(1), a.clone(), &2i64, "t").unwrap();
+            ctx.cancel_delayed("t");
+        });
+        let plan = plan_of(&table, Some(&mut log), Some(pending), &a, &[], done).unwrap();
+        let scheduled = LogKey::Timer { due_ms: 2_000, seq: 0 };
+        let log_ops: Vec<(LogKey, bool)> = plan.write.log.iter().map(|op| (op.key, op.value.is_some())).collect();
+        // The pending timer of the token is replaced, and the replacement cancelled.
+        assert_eq!(log_ops, [(pending, false), (scheduled, true), (scheduled, false)]);
+        assert!(matches!(
+            &plan.actions[..],
+            [Action::Schedule { .. }, Action::Cancel { token, .. }] if token == "t"
+        ));
+    }
+
+    #[test]
+    fn an_expired_value_is_deleted_unless_the_batch_writes_it_again() {
+        let table = table();
+        let a = address("a");
+        let mut done = done(&table, &a, |ctx| ctx.storage().set(&NOTE, &"new".to_string()).unwrap());
+        done.expired = vec![Arc::from("items"), Arc::from("note")];
+        let plan = plan_of(&table, None, None, &a, &[], done).unwrap();
+        let ops: Vec<(&str, bool)> = plan.write.ops.iter().map(|op| (&*op.name, op.value.is_some())).collect();
+        assert_eq!(ops, [("items", false), ("note", true)]);
+    }
+}
