@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use criterion::{Criterion, SamplingMode, criterion_group, criterion_main};
 use statefun_runtime::PartitionId;
 use statefun_runtime::state::checkpoint::CheckpointManifest;
-use statefun_runtime::state::keys::{self, Key};
+use statefun_runtime::state::codec::keys::{self, Key};
 use statefun_runtime::state::rocksdb::RocksDbOptions;
 use statefun_runtime::state::{PartitionStore, RocksDbBackend, StateBackend, StoredValue, WriteBatch, WriteOp};
 use statefun_sdk::bytes::Bytes;

@@ -11,9 +11,10 @@ use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use statefun_runtime::PartitionId;
+use statefun_runtime::state::codec::keys;
 use statefun_runtime::state::rocksdb::RocksDbOptions;
 use statefun_runtime::state::{
-    MemoryBackend, PartitionStore, RocksDbBackend, StateBackend, StoredValue, WriteBatch, WriteOp, keys,
+    MemoryBackend, PartitionStore, RocksDbBackend, StateBackend, StoredValue, WriteBatch, WriteOp,
 };
 use statefun_sdk::bytes::Bytes;
 use statefun_sdk::{Address, TypeName};

@@ -27,7 +27,8 @@ use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, Prod
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use statefun_runtime::PartitionId;
 use statefun_runtime::egress::{DEAD_LETTERS, DeadLetterRecord};
-use statefun_runtime::state::{Changelog, CommitUnit, Error as StateError, RawOp};
+use statefun_runtime::state::codec::RawOp;
+use statefun_runtime::state::{Changelog, CommitUnit, Error as StateError};
 use statefun_sdk::protocol::egress::KafkaProducerRecord;
 use statefun_sdk::{TypeName, ValueType};
 

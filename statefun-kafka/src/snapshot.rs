@@ -19,8 +19,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use statefun_runtime::ingress::source_name;
-use statefun_runtime::state::keys::{self, Key};
-use statefun_runtime::state::{Error as StateError, LogKey, StoredValue, rocksdb::decode_value};
+use statefun_runtime::state::codec::keys::{self, Key};
+use statefun_runtime::state::codec::values::decode_value;
+use statefun_runtime::state::{Error as StateError, LogKey, StoredValue};
 use statefun_sdk::{Address, CodecError, TypeName, ValueSpec, ValueType};
 
 use crate::changelog::PartitionReader;

@@ -23,8 +23,8 @@ use crate::shared::{Shared, SubmitError};
 /// ([`CommitUnit::messages`](crate::state::CommitUnit::messages), cluster mode): its
 /// target, caller and message.
 pub fn decode_message(bytes: &[u8]) -> Result<Routed, RouteError> {
-    let env =
-        crate::state::entries::decode_envelope(bytes).map_err(|e| RouteError(format!("not a runtime message: {e}")))?;
+    let env = crate::state::codec::entries::decode_envelope(bytes)
+        .map_err(|e| RouteError(format!("not a runtime message: {e}")))?;
     Ok(Routed {
         target: env.target,
         message: env.message,

@@ -264,7 +264,7 @@ impl DeadLetterRecord {
 
 /// The key of a durable log entry within its partition: inbox messages, pending timers
 /// and egress records. Ordered as the entries are read back on recovery. Its encoding
-/// is [`crate::state::keys`]'s.
+/// is [`crate::state::codec::keys`]'s.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum LogKey {
     /// A message in the inbox, written by partition `sender` under its sequence `seq`.

@@ -11,7 +11,7 @@
 //! directory). See `docs/guarantees.md`, "Kafka mode".
 //!
 //! How: every [`WriteBatch`] of a partition is encoded to raw key changes
-//! ([`encode_batch`]) and put into an in-memory overlay, under one lock, so a batch is
+//! ([`RawOp`]s, [`codec`](super::codec)) and put into an in-memory overlay, under one lock, so a batch is
 //! never split between two commits (its inbox puts may touch other partitions). Reads
 //! see the overlay first, then RocksDB. Egress records of the egress ids the changelog
 //! [takes](Changelog::takes_egress) are not written anywhere: they go into the commit
@@ -32,8 +32,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use statefun_sdk::{Address, TypeName};
 
-use super::rocksdb::{RawOp, decode_log_key, decode_u64, decode_value, encode_batch, log_kind_byte};
-use super::{Error, LogKey, LogKind, PartitionStore, RocksDbBackend, StateBackend, StoredValue, WriteBatch, keys};
+use super::codec::keys::{self, decode_log_key, log_kind_byte, partition_incarnation_key};
+use super::codec::values::{decode_u64, decode_value};
+use super::codec::{RawOp, encode_batch, entries};
+use super::{Error, LogKey, LogKind, PartitionStore, RocksDbBackend, StateBackend, StoredValue, WriteBatch};
 use crate::partitioner::PartitionId;
 use crate::records::{EgressId, EgressRecord};
 
@@ -336,7 +338,7 @@ impl StateBackend for ChangelogBackend {
     fn next_incarnation(&self) -> Result<u64, Error> {
         let mut last = 0;
         for &p in &self.inner.partitions {
-            let key = RocksDbBackend::partition_incarnation_key(p);
+            let key = partition_incarnation_key(p);
             if let Some(v) = self.read(p, &key)? {
                 last = last.max(decode_u64(&v, || format!("incarnation marker of partition {p}"))?);
             }
@@ -345,7 +347,7 @@ impl StateBackend for ChangelogBackend {
         let mut unit = CommitUnit::default();
         for &p in &self.inner.partitions {
             unit.changes.entry(p).or_default().insert(
-                RocksDbBackend::partition_incarnation_key(p).into(),
+                partition_incarnation_key(p).into(),
                 Some(Bytes::copy_from_slice(&next.to_be_bytes())),
             );
         }
@@ -451,7 +453,7 @@ impl StagedStore {
         let (LogKey::Egress { seq }, Some(value)) = (op.key, &op.value) else {
             return None;
         };
-        let (mut record, run) = super::entries::decode_egress(value).ok()?;
+        let (mut record, run) = entries::decode_egress(value).ok()?;
         if !self.backend.inner.changelog.takes_egress(&record.egress) {
             return None;
         }

@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::Error;
-use super::keys::{self, FORMAT_VERSION, Key};
+use super::codec::keys::{self, FORMAT_VERSION, Key};
 
 const MANIFEST: &str = "MANIFEST.json";
 const DB_DIR: &str = "db";

@@ -14,26 +14,31 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use statefun_sdk::Address;
 
 use crate::partitioner::PartitionId;
 
+pub use self::codec::RawOp;
+/// The key layout, [`codec::keys`] (its path before the codec module).
+pub use self::codec::keys;
 pub use self::keys::LogKey;
 
 #[cfg(feature = "rocksdb")]
 pub mod changelog;
 #[cfg(feature = "rocksdb")]
 pub mod checkpoint;
-pub(crate) mod entries;
-pub mod keys;
+pub mod codec;
 #[cfg(feature = "rocksdb")]
 pub mod rocksdb;
 #[cfg(feature = "rocksdb")]
 pub use self::changelog::{Changelog, ChangelogBackend, CommitUnit};
 #[cfg(feature = "rocksdb")]
-pub use self::rocksdb::{RawOp, RocksDbBackend, RocksDbOptions};
+pub use self::rocksdb::{RocksDbBackend, RocksDbOptions};
+// The log entries' path before the codec module, still used by the partition.
+pub(crate) use self::codec::entries;
 
 /// Why a state backend operation failed. Backends say whether a retry can help.
 #[derive(Debug, thiserror::Error)]
@@ -183,6 +188,67 @@ pub struct CheckpointInfo {
     pub created_at_ms: u64,
 }
 
+/// What a backend is, read once as one value: whether its state outlives the process,
+/// how often it wants its writes committed, and which partitions run here. Built from
+/// [`StateBackend::durable`], [`StateBackend::commit_interval`] and
+/// [`StateBackend::owned_partitions`] by [`StateBackend::profile`]; the default is a
+/// volatile backend with no commits that runs every partition.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BackendProfile {
+    /// [`StateBackend::durable`].
+    pub durable: bool,
+    /// [`StateBackend::commit_interval`].
+    pub commit_interval: Option<Duration>,
+    /// [`StateBackend::owned_partitions`].
+    pub owned_partitions: Option<Vec<PartitionId>>,
+}
+
+/// What the partition asks a backend before it writes: whether to take input at all,
+/// and whether each new state value and each egress record of an invocation can be
+/// committed. A `false` or an `Err` here turns into back-pressure, a failed (retried)
+/// invocation or a dead letter, instead of a write the backend would refuse.
+///
+/// Every [`StateBackend`] answers it (a blanket impl forwarding to the backend's
+/// methods of the same names), so a backend has nothing extra to implement, and
+/// `Admission::check_value(&*backend, ..)` works on an `Arc<dyn StateBackend>` too.
+/// While [`StateBackend`] still declares these methods, a method call needs only one of
+/// the two traits in scope (with both, `backend.check_value(..)` is ambiguous; call
+/// `Admission::check_value(&backend, ..)`).
+pub trait Admission {
+    /// Whether the partitions may take more input now ([`StateBackend::accepts_input`]).
+    fn accepts_input(&self) -> bool;
+
+    /// Whether the backend can store this new value of state `name`
+    /// ([`StateBackend::check_value`]); `Err` says why not.
+    fn check_value(&self, name: &str, value: &[u8]) -> Result<(), String>;
+
+    /// Whether the backend commits the records of egress `egress` itself
+    /// ([`StateBackend::takes_egress`]).
+    fn takes_egress(&self, egress: &statefun_sdk::TypeName) -> bool;
+
+    /// Whether the backend would commit this record of an egress it takes
+    /// ([`StateBackend::check_egress`]); `Err` says why not.
+    fn check_egress(&self, egress: &statefun_sdk::TypeName, message: &statefun_sdk::TypedValue) -> Result<(), String>;
+}
+
+impl<T: StateBackend + ?Sized> Admission for T {
+    fn accepts_input(&self) -> bool {
+        StateBackend::accepts_input(self)
+    }
+
+    fn check_value(&self, name: &str, value: &[u8]) -> Result<(), String> {
+        StateBackend::check_value(self, name, value)
+    }
+
+    fn takes_egress(&self, egress: &statefun_sdk::TypeName) -> bool {
+        StateBackend::takes_egress(self, egress)
+    }
+
+    fn check_egress(&self, egress: &statefun_sdk::TypeName, message: &statefun_sdk::TypedValue) -> Result<(), String> {
+        StateBackend::check_egress(self, egress, message)
+    }
+}
+
 /// Opens partition stores.
 pub trait StateBackend: Send + Sync + 'static {
     /// Opens the store of `partition`. Called once per partition when the runtime starts.
@@ -284,6 +350,17 @@ pub trait StateBackend: Send + Sync + 'static {
     /// nothing to do.
     fn commit(&self) -> Result<(), Error> {
         Ok(())
+    }
+
+    /// What this backend is ([`BackendProfile`]), read once from
+    /// [`StateBackend::durable`], [`StateBackend::commit_interval`] and
+    /// [`StateBackend::owned_partitions`].
+    fn profile(&self) -> BackendProfile {
+        BackendProfile {
+            durable: self.durable(),
+            commit_interval: self.commit_interval(),
+            owned_partitions: self.owned_partitions(),
+        }
     }
 }
 
@@ -434,5 +511,89 @@ mod tests {
         .unwrap();
         assert_eq!(s.get(&a, "x").unwrap(), None);
         assert!(s.get(&a, "y").unwrap().is_some());
+    }
+
+    #[test]
+    fn a_memory_backend_profiles_as_volatile_and_admits_everything() {
+        let b = MemoryBackend::new();
+        assert_eq!(b.profile(), BackendProfile::default());
+        let dynamic: Arc<dyn StateBackend> = Arc::new(b);
+        let out = TypeName::from_static("io/out");
+        assert!(Admission::accepts_input(&*dynamic));
+        assert!(!Admission::takes_egress(&*dynamic, &out));
+        assert_eq!(Admission::check_value(&*dynamic, "s", b"v"), Ok(()));
+        assert_eq!(
+            Admission::check_egress(&*dynamic, &out, &statefun_sdk::TypedValue::absent(out.clone())),
+            Ok(())
+        );
+    }
+
+    #[cfg(feature = "rocksdb")]
+    #[test]
+    fn durable_backends_profile_as_what_they_are() {
+        use std::time::Duration;
+
+        /// A changelog that commits nothing and takes only `io/taken`.
+        struct Nothing;
+        impl Changelog for Nothing {
+            fn takes_egress(&self, egress: &TypeName) -> bool {
+                egress.as_str() == "io/taken"
+            }
+            fn check_value(&self, _name: &str, value: &[u8]) -> Result<(), String> {
+                if value.len() > 4 {
+                    Err("too long".to_owned())
+                } else {
+                    Ok(())
+                }
+            }
+            fn commit(&self, _unit: &CommitUnit) -> Result<Vec<(PartitionId, i64)>, Error> {
+                Ok(Vec::new())
+            }
+            fn restore(
+                &self,
+                _partition: PartitionId,
+                _after: Option<i64>,
+                _apply: &mut dyn FnMut(Vec<RawOp>, i64) -> Result<(), Error>,
+            ) -> Result<(), Error> {
+                Ok(())
+            }
+        }
+
+        let dir = tempfile::tempdir().unwrap();
+        let rocks = RocksDbBackend::open(dir.path().join("db"), RocksDbOptions::default()).unwrap();
+        assert_eq!(
+            rocks.profile(),
+            BackendProfile {
+                durable: true,
+                commit_interval: None,
+                owned_partitions: None,
+            }
+        );
+        let interval = Duration::from_millis(50);
+        let (all, _) = ChangelogBackend::open(rocks.clone(), Arc::new(Nothing), 2, interval).unwrap();
+        assert_eq!(
+            all.profile(),
+            BackendProfile {
+                durable: true,
+                commit_interval: Some(interval),
+                owned_partitions: None,
+            }
+        );
+        let (owned, _) = ChangelogBackend::open_owned(
+            rocks,
+            Arc::new(Nothing),
+            [PartitionId(3), PartitionId(1), PartitionId(3)],
+            interval,
+        )
+        .unwrap();
+        assert_eq!(
+            owned.profile().owned_partitions,
+            Some(vec![PartitionId(1), PartitionId(3)])
+        );
+        // Admission forwards to the backend's answers.
+        assert!(Admission::takes_egress(&owned, &TypeName::from_static("io/taken")));
+        assert!(!Admission::takes_egress(&owned, &TypeName::from_static("io/other")));
+        assert_eq!(Admission::check_value(&owned, "s", b"1234"), Ok(()));
+        assert!(Admission::check_value(&owned, "s", b"12345").is_err());
     }
 }

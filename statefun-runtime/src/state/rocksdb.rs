@@ -2,12 +2,12 @@
 //!
 //! Why it exists: state must survive process crashes. One RocksDB database per runtime
 //! instance holds every partition's data under the versioned key layout of
-//! [`keys`]; each partition's store is a view bound to its partition
+//! [`codec::keys`](super::codec::keys); each partition's store is a view bound to its partition
 //! prefix, so partitions never see each other's keys and the partition task needs no
 //! lock (RocksDB's own write path is thread-safe).
 //!
-//! Value layout: `[value format = 1][flags: bit 0 = expires][expires_at_ms u64 BE, if
-//! flag][value bytes]`. A write is one RocksDB `WriteBatch`: all of its state changes
+//! Values are encoded as [`codec::values`](super::codec::values) lays them out. A write
+//! is one RocksDB `WriteBatch`: all of its state changes
 //! and progress markers become durable together (WAL on, no fsync per write: survives a
 //! process crash; a machine crash may lose the last writes, see docs/guarantees.md).
 //!
@@ -21,16 +21,14 @@ use std::sync::Arc;
 use bytes::Bytes;
 use statefun_sdk::Address;
 
-use super::keys::{self, FORMAT_VERSION};
+use super::codec::keys::{
+    self, FORMAT_VERSION, META_FORMAT_KEY, META_INCARNATION_KEY, META_PARTITIONS_KEY, changelog_position_key,
+    decode_log_key, log_kind_byte,
+};
+use super::codec::values::{decode_u64, decode_value, expires_at};
+use super::codec::{RawOp, encode_batch};
 use super::{Error, LogKey, LogKind, PartitionStore, StateBackend, StoredValue, WriteBatch};
 use crate::partitioner::PartitionId;
-
-const VALUE_FORMAT: u8 = 1;
-const FLAG_EXPIRES: u8 = 0x01;
-const META_FORMAT_KEY: &[u8] = b"\x00format";
-const META_INCARNATION_KEY: &[u8] = b"\x00incarnation";
-const META_PARTITIONS_KEY: &[u8] = b"\x00partitions";
-const META_CHANGELOG_PREFIX: &[u8] = b"\x00changelog/";
 
 /// Maps a RocksDB error to ours: whether a retry can help, and where it happened.
 fn map_err(path: &Path, what: &str, e: rocksdb::Error) -> Error {
@@ -49,48 +47,6 @@ fn map_err(path: &Path, what: &str, e: rocksdb::Error) -> Error {
     }
 }
 
-/// Decodes an 8-byte big-endian number (a progress marker, the incarnation, a changelog
-/// position); `what` names it in the error.
-pub(crate) fn decode_u64(v: &[u8], what: impl FnOnce() -> String) -> Result<u64, Error> {
-    v.try_into()
-        .map(u64::from_be_bytes)
-        .map_err(|_| Error::Permanent(format!("corrupt {}", what())))
-}
-
-/// Encodes a stored value (layout in the module docs).
-pub fn encode_value(v: &StoredValue) -> Vec<u8> {
-    let mut out = Vec::with_capacity(10 + v.value.len());
-    out.push(VALUE_FORMAT);
-    match v.expires_at_ms {
-        Some(t) => {
-            out.push(FLAG_EXPIRES);
-            out.extend_from_slice(&t.to_be_bytes());
-        }
-        None => out.push(0),
-    }
-    out.extend_from_slice(&v.value);
-    out
-}
-
-/// Decodes a stored value.
-pub fn decode_value(b: &[u8]) -> Result<StoredValue, String> {
-    match b {
-        [VALUE_FORMAT, FLAG_EXPIRES, rest @ ..] if rest.len() >= 8 => {
-            let (t, v) = rest.split_at(8);
-            Ok(StoredValue {
-                value: Bytes::copy_from_slice(v),
-                expires_at_ms: Some(u64::from_be_bytes(t.try_into().expect("8 bytes"))),
-            })
-        }
-        [VALUE_FORMAT, 0, v @ ..] => Ok(StoredValue {
-            value: Bytes::copy_from_slice(v),
-            expires_at_ms: None,
-        }),
-        [f, ..] if *f != VALUE_FORMAT => Err(format!("unknown value format {f}")),
-        _ => Err("truncated value".to_owned()),
-    }
-}
-
 fn wall_clock_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -102,8 +58,8 @@ fn wall_clock_ms() -> u64 {
 /// state does not hold disk space (reads never return them either way). Uses the wall
 /// clock; every other key kind is kept.
 fn drop_expired(_level: u32, key: &[u8], value: &[u8]) -> rocksdb::CompactionDecision {
-    if let ([FORMAT_VERSION, keys::KIND_STATE, ..], [VALUE_FORMAT, FLAG_EXPIRES, rest @ ..]) = (key, value)
-        && let Some(t) = rest.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes)
+    if let [FORMAT_VERSION, keys::KIND_STATE, ..] = key
+        && let Some(t) = expires_at(value)
         && t <= wall_clock_ms()
     {
         return rocksdb::CompactionDecision::Remove;
@@ -386,72 +342,6 @@ impl PartitionStore for RocksDbStore {
     }
 }
 
-pub(crate) fn log_kind_byte(kind: LogKind) -> u8 {
-    match kind {
-        LogKind::Inbox => keys::KIND_INBOX,
-        LogKind::Timers => keys::KIND_TIMER,
-        LogKind::Egress => keys::KIND_EGRESS,
-    }
-}
-
-/// Decodes the key of a log entry scanned from `partition`'s log.
-pub(crate) fn decode_log_key(key: &[u8], partition: PartitionId, path: &Path) -> Result<LogKey, Error> {
-    match keys::decode(key) {
-        Ok(keys::Key::Log { key, .. }) => Ok(key),
-        Ok(other) => Err(Error::Permanent(format!(
-            "unexpected key {other:?} in the log of partition {partition} in RocksDB at {}",
-            path.display()
-        ))),
-        Err(e) => Err(Error::Permanent(format!(
-            "corrupt log key in partition {partition} in RocksDB at {}: {e}; restore a checkpoint \
-             (see docs/operations.md)",
-            path.display()
-        ))),
-    }
-}
-
-/// One raw key-value change of the database: what a [`WriteBatch`] becomes on disk, and
-/// what a changelog carries (see [`super::changelog`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RawOp {
-    /// The encoded key ([`keys`] layout, or a meta key starting with `0x00`).
-    pub key: Bytes,
-    /// The encoded value, or `None` to delete the key.
-    pub value: Option<Bytes>,
-}
-
-/// Encodes `batch`, written by `partition`, as the raw changes it makes, in order.
-pub fn encode_batch(partition: PartitionId, batch: &WriteBatch) -> Result<Vec<RawOp>, Error> {
-    let mut out = Vec::with_capacity(batch.ops.len() + batch.progress.len() + batch.log.len());
-    for op in &batch.ops {
-        out.push(RawOp {
-            key: keys::state_key(partition, &op.address, &op.name).into(),
-            value: op.value.as_ref().map(|v| encode_value(v).into()),
-        });
-    }
-    for (source, position) in &batch.progress {
-        let key = keys::progress_key(partition, source).map_err(|e| Error::Permanent(e.to_string()))?;
-        out.push(RawOp {
-            key: key.into(),
-            value: Some(Bytes::copy_from_slice(&position.to_be_bytes())),
-        });
-    }
-    for op in &batch.log {
-        out.push(RawOp {
-            key: keys::log_key(op.partition, op.key).into(),
-            value: op.value.clone(),
-        });
-    }
-    Ok(out)
-}
-
-/// The meta key holding the changelog position a partition's data is at.
-fn changelog_position_key(partition: PartitionId) -> Vec<u8> {
-    let mut k = META_CHANGELOG_PREFIX.to_vec();
-    k.extend_from_slice(&partition.0.to_be_bytes());
-    k
-}
-
 /// Raw access for a changelogged backend ([`super::changelog::ChangelogBackend`]): it
 /// applies committed changes with the changelog position they reach, in one batch.
 impl RocksDbBackend {
@@ -509,35 +399,11 @@ impl RocksDbBackend {
             .map(|p| Some(p as i64)),
         }
     }
-
-    /// The raw key of one partition's incarnation counter in a changelogged backend
-    /// ([`StateBackend::next_incarnation`]): partitions move between instances with
-    /// their changelog, so each carries the highest incarnation that wrote its logs.
-    pub fn partition_incarnation_key(partition: PartitionId) -> Vec<u8> {
-        let mut k = META_INCARNATION_KEY.to_vec();
-        k.push(b'/');
-        k.extend_from_slice(&partition.0.to_be_bytes());
-        k
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use proptest::prelude::*;
-
-    proptest! {
-        #[test]
-        fn values_round_trip(v in proptest::collection::vec(any::<u8>(), 0..64), t in proptest::option::of(any::<u64>())) {
-            let sv = StoredValue { value: Bytes::from(v), expires_at_ms: t };
-            prop_assert_eq!(decode_value(&encode_value(&sv)).unwrap(), sv);
-        }
-
-        #[test]
-        fn garbage_values_are_errors_not_panics(v in proptest::collection::vec(any::<u8>(), 0..16)) {
-            let _ = decode_value(&v);
-        }
-    }
 
     #[test]
     fn compaction_drops_expired_state_and_keeps_the_rest() {

@@ -14,6 +14,13 @@
 //! egress log:   [version=1][kind=0x05][partition u32 BE][seq u64 BE]
 //! ```
 //!
+//! Meta keys start with `0x00` (never a format version), so no scan of versioned keys
+//! sees them: `0x00 "format"` (the key format version a database was written with),
+//! `0x00 "incarnation"` (the last incarnation handed out), `0x00 "incarnation/"
+//! [partition u32 BE]` (a changelogged partition's), `0x00 "partitions"` (the
+//! partition count, u32 BE), `0x00 "changelog/"[partition u32 BE]` (the changelog
+//! position a partition's data is at, i64 BE).
+//!
 //! Inbox, timer and egress-log keys are fixed-size after the kind byte, and their big-endian
 //! integers make byte order equal numeric order: an inbox is read per sender in sequence
 //! order, timers in due order, the egress log in production order.
@@ -32,6 +39,7 @@
 use statefun_sdk::{Address, TypeName};
 
 use crate::partitioner::PartitionId;
+use crate::state::{Error, LogKind};
 
 /// The current key format version.
 pub const FORMAT_VERSION: u8 = 1;
@@ -48,7 +56,7 @@ pub const KIND_EGRESS: u8 = 0x05;
 
 /// Whether `key` is an inbox, timer or egress-log key. Those are written once: their
 /// sequence numbers are never reused, so a key deleted is never put again.
-pub fn is_log_key(key: &[u8]) -> bool {
+pub(crate) fn is_log_key(key: &[u8]) -> bool {
     matches!(key, [FORMAT_VERSION, KIND_INBOX | KIND_TIMER | KIND_EGRESS, ..])
 }
 
@@ -56,7 +64,7 @@ pub use crate::records::LogKey;
 
 impl LogKey {
     /// The kind byte of this entry.
-    pub fn kind(&self) -> u8 {
+    pub(crate) fn kind(&self) -> u8 {
         match self {
             LogKey::Inbox { .. } => KIND_INBOX,
             LogKey::Timer { .. } => KIND_TIMER,
@@ -135,7 +143,7 @@ pub fn partition_prefix(kind: u8, partition: PartitionId) -> Vec<u8> {
 }
 
 /// The prefix shared by every state value of `address` in `partition`.
-pub fn address_prefix(partition: PartitionId, address: &Address) -> Vec<u8> {
+pub(crate) fn address_prefix(partition: PartitionId, address: &Address) -> Vec<u8> {
     let t = address.type_name().as_str().as_bytes();
     let id = address.id().as_bytes();
     let mut k = header(KIND_STATE, partition, 2 + t.len() + 4 + id.len() + 32);
@@ -159,7 +167,7 @@ pub fn state_key(partition: PartitionId, address: &Address, name: &str) -> Vec<u
 
 /// The key of the progress marker of `source` in `partition`; source names are at most
 /// 65535 bytes.
-pub fn progress_key(partition: PartitionId, source: &str) -> Result<Vec<u8>, KeyError> {
+pub(crate) fn progress_key(partition: PartitionId, source: &str) -> Result<Vec<u8>, KeyError> {
     let s = source.as_bytes();
     let len = u16::try_from(s.len()).map_err(|_| KeyError::TooLong {
         what: "source name",
@@ -173,7 +181,7 @@ pub fn progress_key(partition: PartitionId, source: &str) -> Result<Vec<u8>, Key
 }
 
 /// The key of log entry `key` of `partition`.
-pub fn log_key(partition: PartitionId, key: LogKey) -> Vec<u8> {
+pub(crate) fn log_key(partition: PartitionId, key: LogKey) -> Vec<u8> {
     let mut k = header(key.kind(), partition, 16);
     match key {
         LogKey::Inbox { sender, seq } => {
@@ -186,6 +194,59 @@ pub fn log_key(partition: PartitionId, key: LogKey) -> Vec<u8> {
         }
         LogKey::Egress { seq } => k.extend_from_slice(&seq.to_be_bytes()),
     }
+    k
+}
+
+/// The kind byte of the entries of log `kind`.
+pub(crate) fn log_kind_byte(kind: LogKind) -> u8 {
+    match kind {
+        LogKind::Inbox => KIND_INBOX,
+        LogKind::Timers => KIND_TIMER,
+        LogKind::Egress => KIND_EGRESS,
+    }
+}
+
+/// Decodes the key of a log entry scanned from `partition`'s log in the database at
+/// `path` (named in the error).
+pub(crate) fn decode_log_key(key: &[u8], partition: PartitionId, path: &std::path::Path) -> Result<LogKey, Error> {
+    match decode(key) {
+        Ok(Key::Log { key, .. }) => Ok(key),
+        Ok(other) => Err(Error::Permanent(format!(
+            "unexpected key {other:?} in the log of partition {partition} in RocksDB at {}",
+            path.display()
+        ))),
+        Err(e) => Err(Error::Permanent(format!(
+            "corrupt log key in partition {partition} in RocksDB at {}: {e}; restore a checkpoint \
+             (see docs/operations.md)",
+            path.display()
+        ))),
+    }
+}
+
+/// Meta key: the key format version the database was written with.
+pub(crate) const META_FORMAT_KEY: &[u8] = b"\x00format";
+/// Meta key: the last incarnation handed out
+/// ([`StateBackend::next_incarnation`](crate::state::StateBackend::next_incarnation)).
+pub(crate) const META_INCARNATION_KEY: &[u8] = b"\x00incarnation";
+/// Meta key: the partition count the database was written with.
+pub(crate) const META_PARTITIONS_KEY: &[u8] = b"\x00partitions";
+const META_CHANGELOG_PREFIX: &[u8] = b"\x00changelog/";
+
+/// The meta key holding the changelog position a partition's data is at.
+pub(crate) fn changelog_position_key(partition: PartitionId) -> Vec<u8> {
+    let mut k = META_CHANGELOG_PREFIX.to_vec();
+    k.extend_from_slice(&partition.0.to_be_bytes());
+    k
+}
+
+/// The meta key of one partition's incarnation counter in a changelogged backend
+/// ([`StateBackend::next_incarnation`](crate::state::StateBackend::next_incarnation)):
+/// partitions move between instances with their changelog, so each carries the highest
+/// incarnation that wrote its logs.
+pub(crate) fn partition_incarnation_key(partition: PartitionId) -> Vec<u8> {
+    let mut k = META_INCARNATION_KEY.to_vec();
+    k.push(b'/');
+    k.extend_from_slice(&partition.0.to_be_bytes());
     k
 }
 
