@@ -339,7 +339,10 @@ mod tests {
 
     fn table() -> FunctionTable {
         let module = Module::builder()
-            .with_fn(FunctionSpec::new(CART).with_state(ITEMS).with_state(NOTE), |_, _| Ok(()))
+            .with_fn(
+                FunctionSpec::new(CART).with_state(ITEMS).with_state(NOTE),
+                |_, _| Ok(()),
+            )
             .build()
             .unwrap();
         FunctionTable::new(&module)
@@ -409,7 +412,8 @@ mod tests {
         let done = done(&table, &a, |ctx| {
             ctx.storage().set(&ITEMS, &3).unwrap();
             ctx.send(address("b"), &1i64).unwrap();
-            ctx.send_after_with_token(Duration::from_secs(1), a.clone(), &2i64, "t").unwrap();
+            ctx.send_after_with_token(Duration::from_secs(1), a.clone(), &2i64, "t")
+                .unwrap();
             ctx.send_egress(OUT, &"x".to_string()).unwrap();
         });
         let plan = plan_of(&table, None, None, &a, &[envelope(a.clone(), None)], done).unwrap();
@@ -441,20 +445,32 @@ mod tests {
         let mut log = DurableLog::new(PartitionId(0), 0);
         let done = done(&table, &a, |ctx| {
             ctx.send(address("b"), &1i64).unwrap();
-            ctx.send_after_with_token(Duration::from_millis(500), a.clone(), &2i64, "t").unwrap();
+            ctx.send_after_with_token(Duration::from_millis(500), a.clone(), &2i64, "t")
+                .unwrap();
             ctx.send_egress(OUT, &"x".to_string()).unwrap();
         });
         let batch = [envelope(a.clone(), Some(processed))];
         let plan = plan_of(&table, Some(&mut log), None, &a, &batch, done).unwrap();
-        let log_ops: Vec<(PartitionId, LogKey, bool)> =
-            plan.write.log.iter().map(|op| (op.partition, op.key, op.value.is_some())).collect();
+        let log_ops: Vec<(PartitionId, LogKey, bool)> = plan
+            .write
+            .log
+            .iter()
+            .map(|op| (op.partition, op.key, op.value.is_some()))
+            .collect();
         assert_eq!(
             log_ops,
             [
                 // The processed message leaves the inbox; the outgoing one enters its
                 // receiver's; the timer and the egress record enter this partition's logs.
                 (PartitionId(0), processed, false),
-                (PartitionId(1), LogKey::Inbox { sender: PartitionId(0), seq: 0 }, true),
+                (
+                    PartitionId(1),
+                    LogKey::Inbox {
+                        sender: PartitionId(0),
+                        seq: 0
+                    },
+                    true
+                ),
                 (PartitionId(0), LogKey::Timer { due_ms: 1_500, seq: 1 }, true),
                 (PartitionId(0), LogKey::Egress { seq: 2 }, true),
             ]
@@ -480,7 +496,8 @@ mod tests {
         let pending = LogKey::Timer { due_ms: 10, seq: 77 };
         let mut log = DurableLog::new(PartitionId(0), 0);
         let done = done(&table, &a, |ctx| {
-            ctx.send_after_with_token(Duration::from_secs(1), a.clone(), &2i64, "t").unwrap();
+            ctx.send_after_with_token(Duration::from_secs(1), a.clone(), &2i64, "t")
+                .unwrap();
             ctx.cancel_delayed("t");
         });
         let plan = plan_of(&table, Some(&mut log), Some(pending), &a, &[], done).unwrap();
@@ -501,7 +518,12 @@ mod tests {
         let mut done = done(&table, &a, |ctx| ctx.storage().set(&NOTE, &"new".to_string()).unwrap());
         done.expired = vec![Arc::from("items"), Arc::from("note")];
         let plan = plan_of(&table, None, None, &a, &[], done).unwrap();
-        let ops: Vec<(&str, bool)> = plan.write.ops.iter().map(|op| (&*op.name, op.value.is_some())).collect();
+        let ops: Vec<(&str, bool)> = plan
+            .write
+            .ops
+            .iter()
+            .map(|op| (&*op.name, op.value.is_some()))
+            .collect();
         assert_eq!(ops, [("items", false), ("note", true)]);
     }
 }

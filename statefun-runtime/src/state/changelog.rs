@@ -32,11 +32,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use statefun_sdk::{Address, TypeName};
 
+use super::backend::{CheckpointInfo, Error, LogKind, LogOp, PartitionStore, StateBackend, StoredValue, WriteBatch};
 use super::codec::keys::{self, decode_log_key, log_kind_byte, partition_incarnation_key};
 use super::codec::values::{decode_u64, decode_value};
 use super::codec::{RawOp, encode_batch, entries};
-use super::{Error, LogKey, LogKind, PartitionStore, RocksDbBackend, StateBackend, StoredValue, WriteBatch};
+use super::rocksdb::RocksDbBackend;
 use crate::partitioner::PartitionId;
+use crate::records::LogKey;
 use crate::records::{EgressId, EgressRecord};
 
 /// Raw changes of one partition: the latest value per key (`None`: deleted), in no
@@ -324,7 +326,7 @@ impl StateBackend for ChangelogBackend {
     }
 
     /// A checkpoint of RocksDB: committed data with the changelog positions it is at.
-    fn checkpoint(&self) -> Result<Option<super::CheckpointInfo>, Error> {
+    fn checkpoint(&self) -> Result<Option<CheckpointInfo>, Error> {
         self.inner.rocks.checkpoint()
     }
 
@@ -449,7 +451,7 @@ impl StagedStore {
     /// The egress record a log put carries, if the changelog takes its egress id.
     /// Entries that do not decode as egress records are stored like any log entry:
     /// the store keeps log values opaque.
-    fn taken_egress(&self, op: &super::LogOp) -> Option<EgressRecord> {
+    fn taken_egress(&self, op: &LogOp) -> Option<EgressRecord> {
         let (LogKey::Egress { seq }, Some(value)) = (op.key, &op.value) else {
             return None;
         };

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::Error;
+use super::backend::Error;
 use super::codec::keys::{self, FORMAT_VERSION, Key};
 
 const MANIFEST: &str = "MANIFEST.json";

@@ -21,14 +21,15 @@ use std::sync::Arc;
 use bytes::Bytes;
 use statefun_sdk::Address;
 
+use super::backend::{CheckpointInfo, Error, LogKind, PartitionStore, StateBackend, StoredValue, WriteBatch};
 use super::codec::keys::{
     self, FORMAT_VERSION, META_FORMAT_KEY, META_INCARNATION_KEY, META_PARTITIONS_KEY, changelog_position_key,
     decode_log_key, log_kind_byte,
 };
 use super::codec::values::{decode_u64, decode_value, expires_at};
 use super::codec::{RawOp, encode_batch};
-use super::{Error, LogKey, LogKind, PartitionStore, StateBackend, StoredValue, WriteBatch};
 use crate::partitioner::PartitionId;
+use crate::records::LogKey;
 
 /// Maps a RocksDB error to ours: whether a retry can help, and where it happened.
 fn map_err(path: &Path, what: &str, e: rocksdb::Error) -> Error {
@@ -252,12 +253,12 @@ impl StateBackend for RocksDbBackend {
         }
     }
 
-    fn checkpoint(&self) -> Result<Option<super::CheckpointInfo>, Error> {
+    fn checkpoint(&self) -> Result<Option<CheckpointInfo>, Error> {
         let Some(root) = &self.options.checkpoint_dir else {
             return Ok(None);
         };
         let m = self.create_checkpoint()?;
-        Ok(Some(super::CheckpointInfo {
+        Ok(Some(CheckpointInfo {
             id: m.id,
             path: root.join(format!("{:020}", m.id)),
             created_at_ms: m.created_at_ms,
@@ -412,7 +413,7 @@ mod tests {
         let b = RocksDbBackend::open(dir.path(), RocksDbOptions::default()).unwrap();
         let mut s = b.open_partition(PartitionId(0)).unwrap();
         let a = Address::new(TypeName::from_static("t/f"), "a").unwrap();
-        let op = |name: &str, exp| super::super::WriteOp {
+        let op = |name: &str, exp| crate::state::WriteOp {
             address: a.clone(),
             name: std::sync::Arc::from(name),
             value: Some(StoredValue {

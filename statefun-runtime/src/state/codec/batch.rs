@@ -10,7 +10,7 @@ use bytes::Bytes;
 use super::keys;
 use super::values::encode_value;
 use crate::partitioner::PartitionId;
-use crate::state::{Error, WriteBatch};
+use crate::state::backend::{Error, WriteBatch};
 
 /// One raw key-value change of the database: what a [`WriteBatch`] becomes on disk, and
 /// what a changelog carries (see [`crate::state::changelog`]).

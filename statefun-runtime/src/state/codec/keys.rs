@@ -39,7 +39,7 @@
 use statefun_sdk::{Address, TypeName};
 
 use crate::partitioner::PartitionId;
-use crate::state::{Error, LogKind};
+use crate::state::backend::{Error, LogKind};
 
 /// The current key format version.
 pub const FORMAT_VERSION: u8 = 1;

@@ -14,7 +14,7 @@
 
 use bytes::Bytes;
 
-use crate::state::{Error, StoredValue};
+use crate::state::backend::{Error, StoredValue};
 
 const VALUE_FORMAT: u8 = 1;
 const FLAG_EXPIRES: u8 = 0x01;
