@@ -146,18 +146,29 @@ impl Instance {
             .collect()
     }
 
-    /// How many of its log lines report a transaction refused because the instance is
-    /// no longer a member of the group's current generation (KIP-447 fencing of a
-    /// zombie): librdkafka's `UNKNOWN_MEMBER_ID`, `ILLEGAL_GENERATION` or
-    /// `FENCED_INSTANCE_ID` on the transaction's offsets.
+    /// How many of its log lines report a transaction refused to a zombie: by the
+    /// group, because the instance is no longer a member of the current generation
+    /// (KIP-447: librdkafka's `UNKNOWN_MEMBER_ID`, `ILLEGAL_GENERATION` or
+    /// `FENCED_INSTANCE_ID` on the transaction's offsets), or by the transaction
+    /// coordinator, whose timeout aborted the open transaction while the instance was
+    /// frozen and bumped the producer's epoch ("fenced by a newer instance",
+    /// `PRODUCER_FENCED`, `INVALID_PRODUCER_EPOCH`). Which one comes first depends on
+    /// how long the freeze outlasts the session and transaction timeouts.
     pub fn refused_commits(&self) -> usize {
         std::fs::read_to_string(&self.log)
             .unwrap_or_default()
             .lines()
             .filter(|l| {
-                ["UNKNOWN_MEMBER_ID", "ILLEGAL_GENERATION", "FENCED_INSTANCE_ID"]
-                    .iter()
-                    .any(|code| l.contains(code))
+                [
+                    "UNKNOWN_MEMBER_ID",
+                    "ILLEGAL_GENERATION",
+                    "FENCED_INSTANCE_ID",
+                    "fenced by a newer instance",
+                    "PRODUCER_FENCED",
+                    "INVALID_PRODUCER_EPOCH",
+                ]
+                .iter()
+                .any(|code| l.contains(code))
             })
             .count()
     }

@@ -219,7 +219,8 @@ async fn a_frozen_instance_is_fenced_when_resumed_and_rejoins() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     eprintln!("the resumed instance rejoined with partitions {:?}", a.runs().last());
-    // Its open transaction's commit was refused: the group no longer knew it.
+    // Its open transaction's commit was refused: by the group, which no longer knew it,
+    // or by the transaction coordinator, which aborted it (`Instance::refused_commits`).
     assert!(
         a.refused_commits() > refusals_before,
         "no commit of the resumed instance was refused; its log:\n{}",
