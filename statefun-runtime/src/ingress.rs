@@ -350,7 +350,7 @@ impl IngressSink {
     /// [`StateBackend::durable`](crate::state::StateBackend::durable)): only then does
     /// [`IngressSink::committed_offset`] know anything.
     pub fn durable(&self) -> bool {
-        self.shared.backend.durable()
+        self.shared.profile.durable
     }
 
     /// The offset of `topic`/`partition` up to which every record is durably accepted
@@ -364,7 +364,7 @@ impl IngressSink {
     /// duplicates. In cluster mode one runtime partition accepts all records of a
     /// source partition, and it is the offset that partition stored.
     pub fn committed_offset(&self, topic: &str, partition: i32) -> Result<Option<i64>, crate::state::Error> {
-        if !self.shared.backend.durable() {
+        if !self.shared.profile.durable {
             return Ok(None);
         }
         let source = source_name(topic, partition);

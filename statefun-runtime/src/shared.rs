@@ -25,7 +25,7 @@ use crate::errors::QueryError;
 use crate::metrics;
 use crate::partitioner::{PartitionId, partition_for};
 use crate::records::{DeadLetter, DeadLetterReason};
-use crate::state::StateBackend;
+use crate::state::{BackendProfile, StateBackend};
 use crate::stats::PartitionStats;
 
 /// Requests answered by the partition between invocations.
@@ -99,6 +99,8 @@ pub(crate) struct Shared {
     /// Set when shutdown begins; new outside messages are refused from then on.
     pub(crate) stopping: AtomicBool,
     pub(crate) backend: Arc<dyn StateBackend>,
+    /// What the backend is (durable, commit interval, owned partitions), read once.
+    pub(crate) profile: BackendProfile,
     /// Random id of this run, part of every egress record id.
     pub(crate) run_id: u64,
     /// This run's incarnation: the high bits of every log sequence number.

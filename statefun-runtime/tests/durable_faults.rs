@@ -67,6 +67,8 @@ impl PartitionStore for FlakyStore {
     }
 }
 
+impl statefun_runtime::state::Admission for Flaky {}
+
 impl StateBackend for Flaky {
     fn open_partition(&self, partition: PartitionId) -> Result<Box<dyn PartitionStore>, Error> {
         Ok(Box::new(FlakyStore {

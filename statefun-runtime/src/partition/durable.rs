@@ -16,7 +16,7 @@ use crate::envelope::Envelope;
 use crate::partitioner::PartitionId;
 use crate::records::{DEAD_LETTERS, DeadLetter, DeadLetterRecord, EgressId, EgressRecord, LogKey};
 use crate::state::entries::{self, StoredTimer};
-use crate::state::{self, LogKind, LogOp, PartitionStore, StateBackend, WriteBatch};
+use crate::state::{self, Admission, LogKind, LogOp, PartitionStore, WriteBatch};
 
 /// What [`DurableLog::recover`] read back.
 #[derive(Default)]
@@ -43,7 +43,8 @@ pub(super) struct EffectsContext<'a> {
     pub(super) partition_of: &'a dyn Fn(&Address) -> PartitionId,
     /// The durable key of the pending timer of a sender's token.
     pub(super) timer_key: &'a dyn Fn(&Address, &str) -> Option<LogKey>,
-    pub(super) backend: &'a dyn StateBackend,
+    /// What the backend admits.
+    pub(super) admission: &'a dyn Admission,
     /// Whether an egress has a sink.
     pub(super) has_sink: &'a dyn Fn(&TypeName) -> bool,
     pub(super) run_id: u64,
@@ -160,7 +161,7 @@ impl DurableLog {
     /// backend takes dead letters ([`DEAD_LETTERS`]); `None` when it goes to the sink.
     pub(super) fn dead_letter_op(
         &mut self,
-        backend: &dyn StateBackend,
+        backend: &dyn Admission,
         letter: &DeadLetter,
         run_id: u64,
     ) -> Option<LogOp> {
@@ -277,7 +278,7 @@ impl DurableLog {
         if !egress.is_empty() {
             let mut keys = Vec::with_capacity(egress.len());
             for e in egress {
-                if cx.backend.takes_egress(&e.egress) {
+                if cx.admission.takes_egress(&e.egress) {
                     // Committed by the backend with this write: no log entry to encode.
                     wb.egress.push(EgressRecord {
                         egress: e.egress.clone(),

@@ -110,10 +110,7 @@ impl Partition {
         ingress_rx: mpsc::Receiver<Envelope>,
         inbound_rx: mpsc::UnboundedReceiver<Inbound>,
     ) -> Partition {
-        let durable = shared
-            .backend
-            .durable()
-            .then(|| DurableLog::new(id, shared.incarnation));
+        let durable = shared.profile.durable.then(|| DurableLog::new(id, shared.incarnation));
         Partition {
             id,
             functions: FunctionTable::new(&shared.module),
@@ -419,7 +416,7 @@ impl Partition {
                 now_ms: &now_ms,
                 partition_of: &partition_of,
                 timer_key: &timer_key,
-                backend: &*shared.backend,
+                admission: &*shared.backend,
                 has_sink: &has_sink,
                 run_id: shared.run_id,
             },

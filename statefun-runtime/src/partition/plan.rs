@@ -97,7 +97,7 @@ pub(super) fn plan(
     if notify {
         expiry_notices(&cx.function.states, address, &mutations, &touched, &mut delayed);
     }
-    let backend = cx.effects.backend;
+    let backend = cx.effects.admission;
     let durable = cx.log.is_some();
     if durable {
         let check = |what: &dyn Fn() -> String, name: &str, bytes: Option<&bytes::Bytes>| {
@@ -330,7 +330,7 @@ mod tests {
     use super::*;
     use crate::partition::functions::FunctionTable;
     use crate::partitioner::PartitionId;
-    use crate::state::MemoryBackend;
+    use crate::state::{Admission, MemoryBackend};
 
     const CART: TypeName = TypeName::from_static("test/cart");
     const OUT: TypeName = TypeName::from_static("test/out");
@@ -377,7 +377,8 @@ mod tests {
     }
 
     /// Plans `done` for `a`'s `batch` on partition 0 (every other address on partition
-    /// 1), with `log` as the durable log and `old_timer` as the key of a pending timer.
+    /// 1), with `log` as the durable log and `old_timer` as the key of a pending timer,
+    /// against a backend that admits everything.
     fn plan_of(
         table: &FunctionTable,
         log: Option<&mut DurableLog>,
@@ -386,7 +387,19 @@ mod tests {
         batch: &[Envelope],
         done: Done,
     ) -> Result<Plan, Failure> {
-        let backend = MemoryBackend::new();
+        plan_with(&MemoryBackend::new(), table, log, old_timer, a, batch, done)
+    }
+
+    /// [`plan_of`] against `admission`.
+    fn plan_with(
+        admission: &dyn Admission,
+        table: &FunctionTable,
+        log: Option<&mut DurableLog>,
+        old_timer: Option<LogKey>,
+        a: &Address,
+        batch: &[Envelope],
+        done: Done,
+    ) -> Result<Plan, Failure> {
         let me = a.clone();
         let partition_of = move |x: &Address| if *x == me { PartitionId(0) } else { PartitionId(1) };
         let timer_key = move |_: &Address, _: &str| old_timer;
@@ -396,13 +409,80 @@ mod tests {
                 now_ms: &|| 1_000,
                 partition_of: &partition_of,
                 timer_key: &timer_key,
-                backend: &backend,
+                admission,
                 has_sink: &|e| *e == OUT,
                 run_id: 7,
             },
             log,
         };
         plan(&mut cx, a, batch, done)
+    }
+
+    /// Admits values of at most 4 bytes, and no record of egress `OUT`.
+    struct Small;
+
+    impl Admission for Small {
+        fn check_value(&self, _name: &str, value: &[u8]) -> Result<(), String> {
+            match value.len() {
+                0..=4 => Ok(()),
+                n => Err(format!("{n} bytes, at most 4")),
+            }
+        }
+
+        fn takes_egress(&self, _egress: &TypeName) -> bool {
+            true
+        }
+
+        fn check_egress(&self, egress: &TypeName, _message: &TypedValue) -> Result<(), String> {
+            if *egress == OUT {
+                Err("no topic for it".into())
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    #[test]
+    fn a_value_the_backend_refuses_fails_the_batch_naming_the_state() {
+        let table = table();
+        let a = address("a");
+        let mut log = DurableLog::new(PartitionId(0), 0);
+        let done = done(&table, &a, |ctx| {
+            ctx.storage().set(&NOTE, &"far too long".to_string()).unwrap()
+        });
+        let failure = plan_with(&Small, &table, Some(&mut log), None, &a, &[], done).unwrap_err();
+        assert_eq!(failure.index, 0);
+        assert!(
+            failure.kind.to_string().starts_with("state \"note\": ") && failure.kind.to_string().ends_with("at most 4"),
+            "{}",
+            failure.kind
+        );
+    }
+
+    #[test]
+    fn a_record_the_backend_refuses_is_dead_lettered_after_the_write_not_committed() {
+        let table = table();
+        let a = address("a");
+        let mut log = DurableLog::new(PartitionId(0), 0);
+        let done = done(&table, &a, |ctx| ctx.send_egress(OUT, &1i64).unwrap());
+        let plan = plan_with(&Small, &table, Some(&mut log), None, &a, &[], done).unwrap();
+        assert!(plan.write.egress.is_empty(), "the refused record is not committed");
+        match &plan.actions[..] {
+            [
+                Action::DeadLetter {
+                    letter,
+                    committed: false,
+                },
+            ] => {
+                assert_eq!(letter.caller.as_ref(), Some(&a));
+                assert!(
+                    letter.reason.to_string().contains("no topic for it"),
+                    "{}",
+                    letter.reason
+                );
+            }
+            other => panic!("unexpected actions {other:?}"),
+        }
     }
 
     #[test]

@@ -97,14 +97,16 @@ impl RuntimeBuilder {
             partition: PartitionId(0),
             source,
         };
-        if self.backend.commit_interval().is_some()
+        // What the backend is, read once (`Shared::profile` keeps it).
+        let profile = self.backend.profile();
+        if profile.commit_interval.is_some()
             && let Some(id) = self.egresses.keys().find(|id| !self.backend.takes_egress(id))
         {
             return Err(Error::EgressOutsideCommit(id.clone()));
         }
         self.backend.check_partitions(n).map_err(durable_err)?;
         let incarnation = self.backend.next_incarnation().map_err(durable_err)?;
-        let owned = self.backend.owned_partitions();
+        let owned = profile.owned_partitions.clone();
         if let Some(p) = owned.iter().flatten().find(|p| p.0 >= n) {
             return Err(Error::Config(ConfigError {
                 field: "partitions",
@@ -145,6 +147,7 @@ impl RuntimeBuilder {
             clock: Clock::new(),
             stopping: AtomicBool::new(false),
             backend: Arc::clone(&self.backend),
+            profile,
             run_id: random_run_id(),
             incarnation,
         });

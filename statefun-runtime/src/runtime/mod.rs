@@ -85,7 +85,7 @@ impl Runtime {
         // failure is retried at the next tick (nothing is lost: the writes stay
         // pending); a permanent one (a fenced producer, a broken disk) stops the run.
         let mut committer = JoinSet::new();
-        if let Some(every) = self.shared.backend.commit_interval() {
+        if let Some(every) = self.shared.profile.commit_interval {
             let backend = Arc::clone(&self.shared.backend);
             let stop = stop_partitions.clone();
             committer.spawn(async move {
@@ -210,7 +210,7 @@ impl Runtime {
         if let Some(e) = commit_failure {
             return Err(e);
         }
-        if self.shared.backend.commit_interval().is_some() {
+        if self.shared.profile.commit_interval.is_some() {
             // The partitions have stopped: commit what they wrote last.
             commit(Arc::clone(&self.shared.backend)).await?;
         }

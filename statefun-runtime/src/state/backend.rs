@@ -184,49 +184,48 @@ pub struct BackendProfile {
 /// committed. A `false` or an `Err` here turns into back-pressure, a failed (retried)
 /// invocation or a dead letter, instead of a write the backend would refuse.
 ///
-/// Every [`StateBackend`] answers it (a blanket impl forwarding to the backend's
-/// methods of the same names), so a backend has nothing extra to implement, and
-/// `Admission::check_value(&*backend, ..)` works on an `Arc<dyn StateBackend>` too.
-/// While [`StateBackend`] still declares these methods, a method call needs only one of
-/// the two traits in scope (with both, `backend.check_value(..)` is ambiguous; call
-/// `Admission::check_value(&backend, ..)`).
-pub trait Admission {
-    /// Whether the partitions may take more input now ([`StateBackend::accepts_input`]).
-    fn accepts_input(&self) -> bool;
+/// A supertrait of [`StateBackend`]: a backend that takes everything (the defaults)
+/// implements it with an empty `impl Admission for MyBackend {}`. The partition's commit
+/// planner reads a backend only through it.
+pub trait Admission: Send + Sync {
+    /// Whether the backend commits the records of egress `egress` itself, with the
+    /// state changes that produced them (a durable backend whose writes are logged as
+    /// egress entries; see [`changelog`](crate::state::changelog)). The runtime then does not hand them to an
+    /// egress sink. Default: false.
+    fn takes_egress(&self, _egress: &statefun_sdk::TypeName) -> bool {
+        false
+    }
 
-    /// Whether the backend can store this new value of state `name`
-    /// ([`StateBackend::check_value`]); `Err` says why not.
-    fn check_value(&self, name: &str, value: &[u8]) -> Result<(), String>;
+    /// Whether the backend would commit this record of egress `egress` (one it
+    /// [takes](Admission::takes_egress)); `Err` says why not, and the runtime
+    /// dead-letters the record instead of writing it. Called before the batch's write.
+    /// Default: every record is fine.
+    fn check_egress(
+        &self,
+        _egress: &statefun_sdk::TypeName,
+        _message: &statefun_sdk::TypedValue,
+    ) -> Result<(), String> {
+        Ok(())
+    }
 
-    /// Whether the backend commits the records of egress `egress` itself
-    /// ([`StateBackend::takes_egress`]).
-    fn takes_egress(&self, egress: &statefun_sdk::TypeName) -> bool;
+    /// Whether the backend can store this new value of state `name`; `Err` says why not,
+    /// and the invocation fails (retried, then its address parked) instead of the
+    /// write. Called before the batch's write. Default: every value is fine.
+    fn check_value(&self, _name: &str, _value: &[u8]) -> Result<(), String> {
+        Ok(())
+    }
 
-    /// Whether the backend would commit this record of an egress it takes
-    /// ([`StateBackend::check_egress`]); `Err` says why not.
-    fn check_egress(&self, egress: &statefun_sdk::TypeName, message: &statefun_sdk::TypedValue) -> Result<(), String>;
-}
-
-impl<T: StateBackend + ?Sized> Admission for T {
+    /// Whether the partitions may take more input now. A backend whose writes wait for
+    /// a commit says no while too much is pending (a broker that is away); the runtime
+    /// then stops taking ingress records, checking again every 20 ms, while messages
+    /// between functions keep flowing. Default: always.
     fn accepts_input(&self) -> bool {
-        StateBackend::accepts_input(self)
-    }
-
-    fn check_value(&self, name: &str, value: &[u8]) -> Result<(), String> {
-        StateBackend::check_value(self, name, value)
-    }
-
-    fn takes_egress(&self, egress: &statefun_sdk::TypeName) -> bool {
-        StateBackend::takes_egress(self, egress)
-    }
-
-    fn check_egress(&self, egress: &statefun_sdk::TypeName, message: &statefun_sdk::TypedValue) -> Result<(), String> {
-        StateBackend::check_egress(self, egress, message)
+        true
     }
 }
 
 /// Opens partition stores.
-pub trait StateBackend: Send + Sync + 'static {
+pub trait StateBackend: Admission + Send + Sync + 'static {
     /// Opens the store of `partition`. Called once per partition when the runtime starts.
     fn open_partition(&self, partition: PartitionId) -> Result<Box<dyn PartitionStore>, Error>;
 
@@ -265,41 +264,6 @@ pub trait StateBackend: Send + Sync + 'static {
     /// (every write is durable when it returns).
     fn committed_progress(&self, partition: PartitionId, source: &str) -> Result<Option<u64>, Error> {
         self.open_partition(partition)?.progress(source)
-    }
-
-    /// Whether the backend commits the records of egress `egress` itself, with the
-    /// state changes that produced them (a durable backend whose writes are logged as
-    /// egress entries; see [`changelog`]). The runtime then does not hand them to an
-    /// egress sink. Default: false.
-    fn takes_egress(&self, _egress: &statefun_sdk::TypeName) -> bool {
-        false
-    }
-
-    /// Whether the backend would commit this record of egress `egress` (one it
-    /// [takes](StateBackend::takes_egress)); `Err` says why not, and the runtime
-    /// dead-letters the record instead of writing it. Called before the batch's write.
-    /// Default: every record is fine.
-    fn check_egress(
-        &self,
-        _egress: &statefun_sdk::TypeName,
-        _message: &statefun_sdk::TypedValue,
-    ) -> Result<(), String> {
-        Ok(())
-    }
-
-    /// Whether the backend can store this new value of state `name`; `Err` says why not,
-    /// and the invocation fails (retried, then its address parked) instead of the
-    /// write. Called before the batch's write. Default: every value is fine.
-    fn check_value(&self, _name: &str, _value: &[u8]) -> Result<(), String> {
-        Ok(())
-    }
-
-    /// Whether the partitions may take more input now. A backend whose writes wait for
-    /// a commit says no while too much is pending (a broker that is away); the runtime
-    /// then stops taking ingress records, checking again every 20 ms, while messages
-    /// between functions keep flowing. Default: always.
-    fn accepts_input(&self) -> bool {
-        true
     }
 
     /// How often the runtime calls [`StateBackend::commit`]: `Some` for a backend whose

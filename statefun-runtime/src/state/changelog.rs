@@ -32,7 +32,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use statefun_sdk::{Address, TypeName};
 
-use super::backend::{CheckpointInfo, Error, LogKind, LogOp, PartitionStore, StateBackend, StoredValue, WriteBatch};
+use super::backend::{
+    Admission, CheckpointInfo, Error, LogKind, LogOp, PartitionStore, StateBackend, StoredValue, WriteBatch,
+};
 use super::codec::keys::{self, decode_log_key, log_kind_byte, partition_incarnation_key};
 use super::codec::values::{decode_u64, decode_value};
 use super::codec::{RawOp, encode_batch, entries};
@@ -317,6 +319,25 @@ impl ChangelogBackend {
     }
 }
 
+/// The changelog's answers, and input stops while too much waits for a commit.
+impl Admission for ChangelogBackend {
+    fn takes_egress(&self, egress: &TypeName) -> bool {
+        self.inner.changelog.takes_egress(egress)
+    }
+
+    fn check_egress(&self, egress: &TypeName, message: &statefun_sdk::TypedValue) -> Result<(), String> {
+        self.inner.changelog.check_egress(egress, message)
+    }
+
+    fn check_value(&self, name: &str, value: &[u8]) -> Result<(), String> {
+        self.inner.changelog.check_value(name, value)
+    }
+
+    fn accepts_input(&self) -> bool {
+        self.pending_bytes() < self.inner.max_pending_bytes.load(Ordering::Relaxed)
+    }
+}
+
 impl StateBackend for ChangelogBackend {
     fn open_partition(&self, partition: PartitionId) -> Result<Box<dyn PartitionStore>, Error> {
         Ok(Box::new(StagedStore {
@@ -367,28 +388,12 @@ impl StateBackend for ChangelogBackend {
         self.inner.rocks.open_partition(partition)?.progress(source)
     }
 
-    fn takes_egress(&self, egress: &TypeName) -> bool {
-        self.inner.changelog.takes_egress(egress)
-    }
-
-    fn check_egress(&self, egress: &TypeName, message: &statefun_sdk::TypedValue) -> Result<(), String> {
-        self.inner.changelog.check_egress(egress, message)
-    }
-
-    fn check_value(&self, name: &str, value: &[u8]) -> Result<(), String> {
-        self.inner.changelog.check_value(name, value)
-    }
-
     fn owned_partitions(&self) -> Option<Vec<PartitionId>> {
         self.inner.owned.clone()
     }
 
     fn commit_interval(&self) -> Option<Duration> {
         Some(self.inner.interval)
-    }
-
-    fn accepts_input(&self) -> bool {
-        self.pending_bytes() < self.inner.max_pending_bytes.load(Ordering::Relaxed)
     }
 
     fn commit(&self) -> Result<(), Error> {

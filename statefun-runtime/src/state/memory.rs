@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use statefun_sdk::Address;
 
-use super::backend::{Error, LogKind, PartitionStore, StateBackend, StoredValue, WriteBatch};
+use super::backend::{Admission, Error, LogKind, PartitionStore, StateBackend, StoredValue, WriteBatch};
 use crate::partitioner::PartitionId;
 use crate::records::LogKey;
 
@@ -27,6 +27,9 @@ impl MemoryBackend {
         MemoryBackend::default()
     }
 }
+
+/// Takes every value and record, and input at any time.
+impl Admission for MemoryBackend {}
 
 impl StateBackend for MemoryBackend {
     fn open_partition(&self, partition: PartitionId) -> Result<Box<dyn PartitionStore>, Error> {

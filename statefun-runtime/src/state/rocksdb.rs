@@ -21,7 +21,9 @@ use std::sync::Arc;
 use bytes::Bytes;
 use statefun_sdk::Address;
 
-use super::backend::{CheckpointInfo, Error, LogKind, PartitionStore, StateBackend, StoredValue, WriteBatch};
+use super::backend::{
+    Admission, CheckpointInfo, Error, LogKind, PartitionStore, StateBackend, StoredValue, WriteBatch,
+};
 use super::codec::keys::{
     self, FORMAT_VERSION, META_FORMAT_KEY, META_INCARNATION_KEY, META_PARTITIONS_KEY, changelog_position_key,
     decode_log_key, log_kind_byte,
@@ -211,6 +213,9 @@ impl RocksDbBackend {
         &self.path
     }
 }
+
+/// Takes every value and record, and input at any time.
+impl Admission for RocksDbBackend {}
 
 impl StateBackend for RocksDbBackend {
     fn durable(&self) -> bool {
