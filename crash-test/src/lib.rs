@@ -638,8 +638,27 @@ pub fn with_kills(cfg: &SoakConfig) -> anyhow::Result<(Outcome, Vec<Kill>)> {
     for _ in 0..cfg.kills {
         let extra = if kills.is_empty() { 0 } else { cfg.restart_extra_ms };
         let after_ms = rng.random_range(cfg.kill_after_ms.0..=cfg.kill_after_ms.1) + extra;
+        // On RocksDB, also kill once the egress log has grown a random 20 to 80 % of
+        // the way to the crash-free run's (when that ran in `cfg.dir`): a run faster
+        // than the reference (a warm cache, a quieter machine) would otherwise finish
+        // before the time-based kill, and no kill would hit the work.
+        let egress_log = run.join("egress.log");
+        let size = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
+        let reference_size = size(&cfg.dir.join("reference").join("egress.log"));
+        let grown = rng.random_range(0.2..0.8);
+        let target = match cfg.kafka {
+            None if reference_size > 0 => {
+                let now = size(&egress_log);
+                Some(now + (reference_size.saturating_sub(now) as f64 * grown) as u64)
+            }
+            _ => None,
+        };
         let mut child = spawn(cfg, &run, cfg.kafka.as_ref())?;
-        std::thread::sleep(Duration::from_millis(after_ms));
+        let spawned = std::time::Instant::now();
+        let deadline = spawned + Duration::from_millis(after_ms);
+        while std::time::Instant::now() < deadline && target.is_none_or(|t| size(&egress_log) < t) {
+            std::thread::sleep(Duration::from_millis(2));
+        }
         let had_finished = child.try_wait()?.is_some();
         // `Child::kill` is SIGKILL on Unix: no destructor, no flush runs.
         let _ = child.kill();
@@ -651,7 +670,7 @@ pub fn with_kills(cfg: &SoakConfig) -> anyhow::Result<(Outcome, Vec<Kill>)> {
                 .unwrap_or(0),
         };
         kills.push(Kill {
-            after_ms,
+            after_ms: spawned.elapsed().as_millis() as u64,
             egress_lines,
             had_finished,
         });
