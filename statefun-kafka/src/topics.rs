@@ -258,17 +258,33 @@ async fn check_existing(
     } else {
         timeout
     };
-    let described = admin
-        .describe_configs(
-            [&ResourceSpecifier::Topic(topic.name)],
-            &AdminOptions::new().request_timeout(Some(request_timeout)),
-        )
-        .await;
-    let failed = match described.map(|mut r| r.pop()) {
-        Ok(Some(Ok(resource))) => Ok(resource.get("cleanup.policy").and_then(|e| e.value.clone())),
-        Ok(None) => Ok(None),
-        Ok(Some(Err(code))) => Err(KafkaError::AdminOp(code)),
-        Err(e) => Err(e),
+    // A topic another instance has just created may still show the broker's default
+    // policy on the broker that answers (its metadata not yet there: seen on a
+    // three-broker cluster when two instances started together). A default value is
+    // read again for a few seconds; a policy set on the topic is final at once.
+    let settle = std::time::Instant::now() + timeout.min(Duration::from_secs(10));
+    let failed = loop {
+        let described = admin
+            .describe_configs(
+                [&ResourceSpecifier::Topic(topic.name)],
+                &AdminOptions::new().request_timeout(Some(request_timeout)),
+            )
+            .await;
+        let read = match described.map(|mut r| r.pop()) {
+            Ok(Some(Ok(resource))) => Ok(resource.get("cleanup.policy").map(|e| (e.value.clone(), e.is_default))),
+            Ok(None) => Ok(None),
+            Ok(Some(Err(code))) => Err(KafkaError::AdminOp(code)),
+            Err(e) => Err(e),
+        };
+        match read {
+            Ok(Some((value, true)))
+                if !same_policy(value.as_deref().unwrap_or("delete"), topic.cleanup_policy)
+                    && std::time::Instant::now() < settle =>
+            {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            other => break other.map(|entry| entry.and_then(|(value, _)| value)),
+        }
     };
     let policy = match failed {
         Ok(policy) => policy,
