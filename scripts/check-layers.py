@@ -95,8 +95,8 @@ def imports(src, files, path, text):
         elif root == "self":
             base = here
         else:
-            base = here[:-1] if not path.endswith(("mod.rs", "lib.rs", "main.rs")) else here[:-1]
-            # `super` from a/b.rs is `a`; from a/b/mod.rs (module a::b) it is `a` too.
+            # `super` from a/b.rs and from a/b/mod.rs (both module a::b) is `a`.
+            base = here[:-1]
         while segs and segs[0] == "super":
             base, segs = base[:-1], segs[1:]
         target = resolve(src, files, base + segs)

@@ -336,7 +336,7 @@ impl IngressSink {
     /// and, if so, whether it owns the runtime partition that accepts the records of
     /// source partition `partition`: only then may a source read that partition.
     pub fn accepts_source_partition(&self, partition: i32) -> bool {
-        !self.shared.cluster || self.shared.owns(self.shared.source_acceptor(partition))
+        !self.shared.cluster() || self.shared.owns(self.shared.source_acceptor(partition))
     }
 }
 
@@ -368,7 +368,7 @@ impl IngressSink {
             return Ok(None);
         }
         let source = source_name(topic, partition);
-        let acceptors: Vec<crate::partitioner::PartitionId> = if self.shared.cluster {
+        let acceptors: Vec<crate::partitioner::PartitionId> = if self.shared.cluster() {
             vec![self.shared.source_acceptor(partition)]
         } else {
             (0..self.shared.config.partitions)

@@ -89,8 +89,6 @@ pub(crate) struct Shared {
     /// Per partition: its queues, or `None` for a partition owned by another instance
     /// (cluster mode).
     pub(crate) partitions: Vec<Option<PartitionSender>>,
-    /// Cluster mode ([`StateBackend::owned_partitions`]).
-    pub(crate) cluster: bool,
     pub(crate) egresses: HashMap<TypeName, Arc<dyn Egress>>,
     pub(crate) dead_letters: Arc<dyn DeadLetterSink>,
     pub(crate) outstanding: AtomicU64,
@@ -129,6 +127,12 @@ pub(crate) enum SubmitError {
 }
 
 impl Shared {
+    /// Cluster mode: the backend owns some of the partitions
+    /// ([`StateBackend::owned_partitions`]); the others run on other instances.
+    pub(crate) fn cluster(&self) -> bool {
+        self.profile.owned_partitions.is_some()
+    }
+
     pub(crate) fn partition_of(&self, address: &Address) -> PartitionId {
         partition_for(address.id(), self.config.partitions)
     }
@@ -179,7 +183,7 @@ impl Shared {
     /// partition when it runs here, or else the first partition that runs here, which
     /// forwards it.
     fn acceptor(&self, target: PartitionId, acceptor: Option<PartitionId>) -> PartitionId {
-        if !self.cluster {
+        if !self.cluster() {
             return target;
         }
         match acceptor {

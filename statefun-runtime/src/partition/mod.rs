@@ -401,7 +401,9 @@ impl Partition {
     /// batch is retried.
     fn on_success(&mut self, address: Address, batch: Vec<Envelope>, done: Done) {
         let n = batch.len();
-        let shared = Arc::clone(&self.shared);
+        // Borrowed, not cloned: `Shared` is one `Arc` for every partition, and a clone
+        // per batch would bounce its count between the cores.
+        let shared = &*self.shared;
         let timers = &self.timers;
         let now_ms = || shared.clock.now_ms();
         let partition_of = |a: &Address| shared.partition_of(a);

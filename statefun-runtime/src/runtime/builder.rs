@@ -139,7 +139,6 @@ impl RuntimeBuilder {
             config: self.config,
             module,
             partitions: senders,
-            cluster: owned.is_some(),
             egresses: self.egresses,
             dead_letters: self.dead_letters,
             outstanding: AtomicU64::new(0),
